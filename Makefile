@@ -1,0 +1,40 @@
+# Two commands do everything on a fresh machine: `make serve` and `make test`.
+# Both bootstrap .venv first (`make install`, idempotent: it reruns only when
+# pyproject.toml or requirements.lock change).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install serve test lint typecheck pytest lock clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	@touch $@
+
+serve: install
+	$(BIN)/oo-serving serve
+
+test: lint typecheck pytest
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/python -m pytest
+
+# Re-pin every dependency to what is installed now (after changing pyproject.toml).
+lock: install
+	$(BIN)/python -m pip freeze --exclude-editable --disable-pip-version-check \
+		| grep -v '^oo-serving' > requirements.lock
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info

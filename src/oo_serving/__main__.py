@@ -1,0 +1,3 @@
+from oo_serving.cli import main
+
+main()

@@ -1,0 +1,248 @@
+"""Request and response bodies, one pair per endpoint, every constraint stated.
+
+Field names and defaults are the prototype's wire contract; the constraints are new and
+appear in the OpenAPI schema so that a client can read every limit there.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+
+USER_ID_PATTERN = r"^[A-Za-z0-9\-._~:@+=]+$"
+USER_ID_MAX_LENGTH = 256
+TIP_ID_MAX_LENGTH = 256
+TEXT_MAX_LENGTH = 16_384
+
+UserId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=USER_ID_MAX_LENGTH,
+        pattern=USER_ID_PATTERN,
+        description="1–256 characters from A–Z a–z 0–9 - . _ ~ : @ + = (safe in a URL path).",
+        examples=["user-42"],
+    ),
+]
+TipId = Annotated[
+    str,
+    Field(
+        min_length=1, max_length=TIP_ID_MAX_LENGTH, description="The tip's id, 1–256 characters."
+    ),
+]
+HourOfDay = Annotated[int, Field(ge=0, le=23, description="Hour of the day, 0–23.")]
+Priority = Annotated[int, Field(ge=1, le=4, description="Todoist priority, 1 (lowest) to 4.")]
+TaskAgeDays = Annotated[
+    float,
+    Field(
+        ge=0.0,
+        allow_inf_nan=False,
+        description="Days since the due date, finite and ≥ 0; values over 30 count as 30.",
+    ),
+]
+Reward = Annotated[
+    float,
+    Field(
+        ge=-1.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="+1 done, +0.5 helpful, 0 snoozed, −0.5 not helpful, −1 dismissed;"
+        " any finite value in [−1, 1].",
+    ),
+]
+EventId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=64,
+        description="The event_id a /score returned for the decision being rewarded.",
+    ),
+]
+
+TS_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def format_ts(ms: int) -> str:
+    """Unix milliseconds as the prototype's UTC timestamp, e.g. 2026-11-27T12:00:00Z."""
+    return time.strftime(TS_FORMAT, time.gmtime(ms / 1000))
+
+
+class _Body(BaseModel):
+    """Requests ignore unknown fields, as the prototype did."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class CandidateFeatures(_Body):
+    hour_of_day: HourOfDay = 12
+    is_overdue: bool = False
+    task_age_days: TaskAgeDays = 0.0
+    priority: Priority = 1
+
+
+class Candidate(_Body):
+    id: TipId
+    content: Annotated[str, Field(max_length=TEXT_MAX_LENGTH)]
+    source: Annotated[str, Field(max_length=TIP_ID_MAX_LENGTH)]
+    source_id: Annotated[str | None, Field(max_length=TIP_ID_MAX_LENGTH)] = None
+    features: CandidateFeatures = Field(default_factory=CandidateFeatures)
+
+
+class Context(_Body):
+    hour_of_day: Annotated[
+        int,
+        Field(ge=0, le=23, description="Hour of the day, 0–23; every candidate is scored at it."),
+    ] = 12
+    day_of_week: Annotated[int, Field(ge=0, le=6, description="0–6.")] = 0
+
+
+class ScoreRequestBase(_Body):
+    """The /score body; `candidates` is added by `score_request_model` with its limit."""
+
+    user_id: UserId
+    context: Context = Field(default_factory=Context)
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "user-42",
+                    "candidates": [
+                        {
+                            "id": "task-1",
+                            "content": "Renew passport",
+                            "source": "todoist",
+                            "features": {"is_overdue": True, "task_age_days": 3, "priority": 4},
+                        },
+                        {"id": "task-2", "content": "Water the plants", "source": "todoist"},
+                    ],
+                    "context": {"hour_of_day": 9, "day_of_week": 1},
+                }
+            ]
+        },
+    )
+
+
+def _unique_ids(candidates: list[Candidate]) -> list[Candidate]:
+    seen: dict[str, int] = {}
+    for index, candidate in enumerate(candidates):
+        if candidate.id in seen:
+            raise ValueError(
+                f"candidate ids must be unique: {candidate.id!r} is at index"
+                f" {seen[candidate.id]} and {index}"
+            )
+        seen[candidate.id] = index
+    return candidates
+
+
+def score_request_model(max_candidates: int) -> type[ScoreRequestBase]:
+    """The /score request body with `max_candidates` stated in its schema."""
+    candidates: Any = Annotated[
+        list[Candidate],
+        Field(
+            min_length=1,
+            max_length=max_candidates,
+            description=f"1–{max_candidates} tips with unique ids.",
+        ),
+    ]
+    return create_model(
+        "ScoreRequest",
+        __base__=ScoreRequestBase,
+        __validators__={"unique_candidate_ids": field_validator("candidates")(_unique_ids)},
+        candidates=(candidates, ...),
+    )
+
+
+class ScoreResponse(BaseModel):
+    tip_id: str = Field(description="The chosen candidate's id.")
+    score: float = Field(description="Its upper confidence bound θ·x + α·sqrt(xᵀA⁻¹x).")
+    policy: str = Field(
+        description="The policy that decided, e.g. linucb-v1.", examples=["linucb-v1"]
+    )
+    event_id: str = Field(description="This decision's id; send it back with the reward.")
+
+
+class RewardRequest(_Body):
+    user_id: UserId
+    tip_id: TipId
+    reward: Reward
+    features: CandidateFeatures
+    event_id: EventId | None = None
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={
+            "examples": [
+                {
+                    "user_id": "user-42",
+                    "tip_id": "task-1",
+                    "reward": 1.0,
+                    "features": {
+                        "hour_of_day": 9,
+                        "is_overdue": True,
+                        "task_age_days": 3,
+                        "priority": 4,
+                    },
+                    "event_id": "019a1f2e-8c3b-7d4e-9f00-0123456789ab",
+                }
+            ]
+        },
+    )
+
+
+class RewardResponse(BaseModel):
+    ok: bool = True
+    learned: bool = Field(
+        description="False when this repeats a reward already learned for event_id."
+    )
+    event_id: str | None = Field(
+        description="The decision the reward was joined to; null when no logged decision"
+        " matched and the request's features were used."
+    )
+
+
+class OkResponse(BaseModel):
+    ok: bool = True
+
+
+class StatsResponse(BaseModel):
+    user_id: str
+    pulls: int = Field(description="Decisions made for this user.")
+    reward_count: int = Field(description="Rewards learned.")
+    cumulative_reward: float
+    estimated_mean: float = Field(description="cumulative_reward / reward_count, or 0.")
+    estimated_mean_reward: float = Field(description="The same value as estimated_mean.")
+    theta: list[float] = Field(description="θ = A⁻¹b, d = 5, in feature order.")
+    last_updated: str | None = Field(
+        description="UTC, e.g. 2026-11-27T12:00:00Z; null if unknown user."
+    )
+
+
+class HistoryItem(BaseModel):
+    ts: str
+    features: CandidateFeatures
+    score: float
+    tip_id: str
+    event_id: str
+
+
+class FeaturesResponse(BaseModel):
+    user_id: str
+    history: list[HistoryItem] = Field(description="The last decisions, oldest first.")
+
+
+class HealthResponse(BaseModel):
+    ok: bool = True
+
+
+class ErrorItem(BaseModel):
+    loc: list[str | int] = Field(description='Where the problem is, e.g. ["body", "reward"].')
+    msg: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    detail: list[ErrorItem]

@@ -1,0 +1,55 @@
+"""Every setting of the service: one class, read from flags and OO_* variables.
+
+Built once, by the CLI or the app factory, never at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite:///./var/oo-serving.db"
+
+
+class Settings(BaseSettings):
+    """Each field is also the environment variable OO_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="OO_", frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    workers: int = Field(1, ge=1, le=64, description="Worker processes sharing the database.")
+    database_url: str = Field(
+        DEFAULT_DATABASE_URL,
+        description="sqlite:///relative.db or sqlite:////absolute.db (folder created).",
+    )
+    max_candidates: int = Field(
+        1000, ge=1, le=100_000, description="Most candidates one /score may offer."
+    )
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body accepted; larger gets 413."
+    )
+    history_size: int = Field(
+        100, ge=1, le=10_000, description="Decisions /features returns, newest last."
+    )
+    decision_log_per_user: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="Decisions kept per user (at least history_size); older ones are pruned"
+        " as new ones are logged.",
+    )
+    sqlite_busy_timeout_ms: int = Field(
+        5000, ge=0, le=600_000, description="How long a write waits for SQLite's lock."
+    )
+    sqlite_synchronous: Literal["full", "normal", "extra"] = Field(
+        "full",
+        description="full: an acknowledged write survives power loss; normal: survives a"
+        " process crash only, faster.",
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Server log level."
+    )
+    access_log: bool = Field(True, description="Log one line per request.")

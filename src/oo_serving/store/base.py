@@ -1,0 +1,157 @@
+"""The one protocol every store implements, and the records it persists.
+
+A store knows the shapes it keeps (arrays of float64, counters, the decision log), not
+the bandit maths. Each read-modify-write of a user is one call that takes a *pure*
+function: the store opens a transaction, locks the user's row, loads what the function
+needs, calls it, writes what it returns and commits. If the function raises, nothing
+is written. This is the only way state changes, so no update can be lost or half made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import numpy as np
+
+from oo_serving.core.features import Matrix, Vector
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class UserRecord:
+    """A user's model row. A_inv: shape (d, d); b: shape (d,)."""
+
+    user_id: str
+    policy: str
+    A_inv: Matrix
+    b: Vector
+    pulls: int
+    reward_count: int
+    cumulative_reward: float
+    last_updated_ms: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class DecisionRecord:
+    """One logged decision: enough to join its reward and to evaluate other policies.
+
+    x: shape (d,), the chosen candidate's vector; candidate_X: shape (n, d), every
+    candidate offered, in `candidate_ids` order. `features` is the chosen candidate's
+    raw features as scored. `model_version` is the user's reward_count at decision time.
+    """
+
+    user_id: str
+    seq: int
+    event_id: str
+    ts_ms: int
+    tip_id: str
+    features: dict[str, int | bool | float]
+    x: Vector
+    score: float
+    policy: str
+    propensity: float
+    model_version: int
+    candidate_ids: tuple[str, ...]
+    candidate_X: Matrix
+    reward: float | None = None
+    rewarded_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class DecisionRef:
+    """What a reward needs of its decision. x: shape (d,)."""
+
+    seq: int
+    event_id: str
+    tip_id: str
+    x: Vector
+    reward: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One row of a user's /features history."""
+
+    ts_ms: int
+    features: dict[str, int | bool | float]
+    score: float
+    tip_id: str
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ScoreWrite:
+    """What a /score writes: the user's row, one new decision, and the pruning point.
+
+    Decisions of this user with seq < keep_from_seq are deleted in the same transaction.
+    """
+
+    user: UserRecord
+    decision: DecisionRecord
+    keep_from_seq: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RewardWrite:
+    """What a /reward writes. `user` None: write nothing (a repeated reward).
+
+    `reward_event` names the decision to mark as rewarded, if any.
+    """
+
+    user: UserRecord | None
+    reward_event: str | None
+    reward: float
+    ts_ms: int
+    matched_event: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionLookup:
+    """Which decision a reward is about: by event_id, or the latest one for tip_id."""
+
+    tip_id: str
+    event_id: str | None
+
+
+T = TypeVar("T")
+ScoreFn = Callable[[UserRecord | None], ScoreWrite]
+RewardFn = Callable[[UserRecord | None, DecisionRef | None], RewardWrite]
+
+
+class Store(Protocol):
+    """Every backend: SQLite (embedded default), PostgreSQL (shared by replicas)."""
+
+    async def open(self) -> None:
+        """Connect, and check (SQLite: apply) the schema. Raises SchemaError."""
+
+    async def close(self) -> None:
+        """Finish in-flight work and release every connection."""
+
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers."""
+
+    async def score_tx(self, user_id: str, fn: ScoreFn) -> ScoreWrite:
+        """Lock user_id's row, call fn(row or None), write its ScoreWrite, commit."""
+
+    async def reward_tx(self, user_id: str, lookup: DecisionLookup, fn: RewardFn) -> RewardWrite:
+        """Lock user_id's row, find the decision, call fn(row, ref), write, commit."""
+
+    async def delete_user(self, user_id: str) -> bool:
+        """Remove the user's model and decisions; True if there was anything."""
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        """The user's model row, or None."""
+
+    async def history(self, user_id: str, limit: int) -> list[HistoryEntry]:
+        """The user's last `limit` decisions, oldest first."""
+
+
+def encode_array(a: Matrix | Vector) -> bytes:
+    """float64, little-endian, row-major."""
+    return np.ascontiguousarray(a, dtype="<f8").tobytes()
+
+
+def decode_array(raw: bytes, shape: tuple[int, ...]) -> Matrix:
+    """The inverse of encode_array; a fresh, writable array."""
+    return np.frombuffer(raw, dtype="<f8").reshape(shape).astype(np.float64)

@@ -1,0 +1,396 @@
+"""The embedded default: one SQLite file in WAL mode, shared by every worker process.
+
+Concurrency. Within a process every write runs on one dedicated thread with its own
+connection, so writes never block the event loop and never share a connection. Across
+processes each write transaction starts with `BEGIN IMMEDIATE`, which takes SQLite's
+single write lock up front (waiting up to the busy timeout), so two workers can never
+interleave a read-modify-write of the same user. Reads run on a small thread pool, each
+thread with its own read-only connection; WAL gives every read a consistent snapshot.
+
+Durability. A write is acknowledged only after COMMIT returns. With synchronous=FULL
+(the default) the WAL is fsynced at every commit, so an acknowledged write survives
+`kill -9` and power loss; with NORMAL it survives a process crash but the last commits
+may be lost on power loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from oo_serving.errors import SchemaTooNew, StoreBusy, StoreUnavailable
+from oo_serving.store import migrations
+from oo_serving.store.base import (
+    DecisionLookup,
+    DecisionRecord,
+    DecisionRef,
+    HistoryEntry,
+    RewardFn,
+    RewardWrite,
+    ScoreFn,
+    ScoreWrite,
+    UserRecord,
+    decode_array,
+    encode_array,
+)
+
+T = TypeVar("T")
+
+_USER_COLUMNS = "policy, a_inv, b, pulls, reward_count, cumulative_reward, last_updated_ms"
+_UPSERT_USER = """
+INSERT INTO user_model (user_id, policy, a_inv, b, pulls, reward_count,
+                        cumulative_reward, last_updated_ms)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (user_id) DO UPDATE SET
+    policy = excluded.policy, a_inv = excluded.a_inv, b = excluded.b,
+    pulls = excluded.pulls, reward_count = excluded.reward_count,
+    cumulative_reward = excluded.cumulative_reward,
+    last_updated_ms = excluded.last_updated_ms
+"""
+_INSERT_DECISION = """
+INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score, policy,
+                      propensity, model_version, candidate_ids, candidate_x)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_REF_COLUMNS = "seq, event_id, tip_id, x, reward"
+
+SYNCHRONOUS_MODES = ("full", "normal", "extra")
+
+
+def sqlite_path(url: str) -> Path:
+    """`sqlite:///relative/path.db` or `sqlite:////absolute/path.db` to a Path."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise ValueError(f"a SQLite URL looks like sqlite:///path/to/file.db, got {url!r}")
+    path = url[len(prefix) :]
+    if path == ":memory:":
+        raise ValueError("an in-memory SQLite database cannot be shared by workers")
+    return Path(path)
+
+
+class SQLiteStore:
+    """The Store protocol on one SQLite file."""
+
+    backend = "sqlite"
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_ms: int = 5000,
+        synchronous: str = "full",
+        read_threads: int = 4,
+    ) -> None:
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}")
+        self.path = path
+        self._busy_timeout_ms = busy_timeout_ms
+        self._synchronous = synchronous
+        self._read_threads = read_threads
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        self._writer: ThreadPoolExecutor | None = None
+        self._readers: ThreadPoolExecutor | None = None
+
+    # ── lifecycle ────────────────────────────────────────────────────────────
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="oo-sqlite-write")
+        self._readers = ThreadPoolExecutor(self._read_threads, thread_name_prefix="oo-sqlite-read")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, self.migrate)
+
+    async def close(self) -> None:
+        for pool in (self._writer, self._readers):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._writer = self._readers = None
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    async def ping(self) -> None:
+        await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    def migrate(self) -> list[int]:
+        """Apply pending migrations now, on the calling thread; the versions applied.
+
+        Safe to run from several processes at once: the check and the changes are one
+        immediate transaction. Raises SchemaTooNew for a schema newer than this release.
+        """
+        with _mapped_errors():
+            return self._migrate(self._connection())
+
+    # ── transactions ─────────────────────────────────────────────────────────
+    async def score_tx(self, user_id: str, fn: ScoreFn) -> ScoreWrite:
+        return await self._write(functools.partial(self._score, user_id, fn))
+
+    async def reward_tx(self, user_id: str, lookup: DecisionLookup, fn: RewardFn) -> RewardWrite:
+        return await self._write(functools.partial(self._reward, user_id, lookup, fn))
+
+    async def delete_user(self, user_id: str) -> bool:
+        return await self._write(functools.partial(self._delete_user, user_id))
+
+    # ── reads ────────────────────────────────────────────────────────────────
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        return await self._read(functools.partial(_load_user, user_id=user_id))
+
+    async def history(self, user_id: str, limit: int) -> list[HistoryEntry]:
+        def query(conn: sqlite3.Connection) -> list[HistoryEntry]:
+            rows = conn.execute(
+                "SELECT ts_ms, features, score, tip_id, event_id FROM decision"
+                " WHERE user_id = ? ORDER BY seq DESC LIMIT ?",
+                (user_id, limit),
+            ).fetchall()
+            return [
+                HistoryEntry(
+                    ts_ms=r[0], features=orjson.loads(r[1]), score=r[2], tip_id=r[3], event_id=r[4]
+                )
+                for r in reversed(rows)
+            ]
+
+        return await self._read(query)
+
+    async def decisions(self, user_id: str) -> list[DecisionRecord]:
+        """Every retained decision of a user, oldest first, with its candidates."""
+
+        def query(conn: sqlite3.Connection) -> list[DecisionRecord]:
+            rows = conn.execute(
+                "SELECT user_id, seq, event_id, ts_ms, tip_id, features, x, score, policy,"
+                " propensity, model_version, candidate_ids, candidate_x, reward, rewarded_ms"
+                " FROM decision WHERE user_id = ? ORDER BY seq",
+                (user_id,),
+            ).fetchall()
+            return [_decision(r) for r in rows]
+
+        return await self._read(query)
+
+    # ── the write bodies, run on the writer thread inside BEGIN IMMEDIATE ────
+    def _score(self, user_id: str, fn: ScoreFn, conn: sqlite3.Connection) -> ScoreWrite:
+        write = fn(_load_user(conn, user_id))
+        _put_user(conn, write.user)
+        d = write.decision
+        conn.execute(
+            _INSERT_DECISION,
+            (
+                d.user_id,
+                d.seq,
+                d.event_id,
+                d.ts_ms,
+                d.tip_id,
+                orjson.dumps(d.features).decode(),
+                encode_array(d.x),
+                d.score,
+                d.policy,
+                d.propensity,
+                d.model_version,
+                orjson.dumps(d.candidate_ids).decode(),
+                encode_array(d.candidate_X),
+            ),
+        )
+        conn.execute(
+            "DELETE FROM decision WHERE user_id = ? AND seq < ?", (user_id, write.keep_from_seq)
+        )
+        return write
+
+    def _reward(
+        self, user_id: str, lookup: DecisionLookup, fn: RewardFn, conn: sqlite3.Connection
+    ) -> RewardWrite:
+        if lookup.event_id is not None:
+            row = conn.execute(
+                f"SELECT {_REF_COLUMNS} FROM decision WHERE user_id = ? AND event_id = ?",
+                (user_id, lookup.event_id),
+            ).fetchone()
+        else:
+            row = conn.execute(
+                f"SELECT {_REF_COLUMNS} FROM decision WHERE user_id = ? AND tip_id = ?"
+                " ORDER BY seq DESC LIMIT 1",
+                (user_id, lookup.tip_id),
+            ).fetchone()
+        ref = None
+        if row is not None:
+            x = decode_array(row[3], (len(row[3]) // 8,))
+            ref = DecisionRef(seq=row[0], event_id=row[1], tip_id=row[2], x=x, reward=row[4])
+        write = fn(_load_user(conn, user_id), ref)
+        if write.user is not None:
+            _put_user(conn, write.user)
+        if write.reward_event is not None:
+            conn.execute(
+                "UPDATE decision SET reward = ?, rewarded_ms = ?"
+                " WHERE user_id = ? AND event_id = ? AND reward IS NULL",
+                (write.reward, write.ts_ms, user_id, write.reward_event),
+            )
+        return write
+
+    def _delete_user(self, user_id: str, conn: sqlite3.Connection) -> bool:
+        models = conn.execute("DELETE FROM user_model WHERE user_id = ?", (user_id,)).rowcount
+        decisions = conn.execute("DELETE FROM decision WHERE user_id = ?", (user_id,)).rowcount
+        return bool(models or decisions)
+
+    def _migrate(self, conn: sqlite3.Connection) -> list[int]:
+        known = migrations.load("sqlite")
+        latest = known[-1].version if known else 0
+        conn.execute("PRAGMA journal_mode = WAL")
+        applied: list[int] = []
+        with _transaction(conn):
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current > latest:
+                raise SchemaTooNew(
+                    f"the database {self.path} has schema version {current}, newer than"
+                    f" {latest}, the newest this release knows; upgrade oo-serving"
+                )
+            for migration in known[current:]:
+                for statement in _statements(migration.sql):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {migration.version}")
+                applied.append(migration.version)
+        return applied
+
+    # ── plumbing ─────────────────────────────────────────────────────────────
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, made on first use."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout_ms / 1000,
+                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+                check_same_thread=False,  # each is used by one thread; closed after it ends
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    async def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None:
+            raise StoreUnavailable("the store is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, self._run_write, body)
+
+    def _run_write(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._connection()
+        with _mapped_errors(), _transaction(conn):
+            return body(conn)
+
+    async def _read(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        if self._readers is None:
+            raise StoreUnavailable("the store is closed")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, self._run_read, body)
+
+    def _run_read(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        with _mapped_errors():
+            return body(self._connection())
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK if the body raises."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+@contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """sqlite3 errors become the service's: a lock wait timeout is StoreBusy."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise StoreBusy("the database stayed locked past the busy timeout") from exc
+        raise StoreUnavailable(f"the database failed: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"the database failed: {exc}") from exc
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration file into complete SQL statements."""
+    statements: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    if pending.strip() and not all(
+        part.strip().startswith("--") or not part.strip() for part in pending.splitlines()
+    ):
+        raise ValueError(f"incomplete SQL statement at the end of a migration: {pending!r}")
+    return statements
+
+
+def _load_user(conn: sqlite3.Connection, user_id: str) -> UserRecord | None:
+    row = conn.execute(
+        f"SELECT {_USER_COLUMNS} FROM user_model WHERE user_id = ?", (user_id,)
+    ).fetchone()
+    if row is None:
+        return None
+    d = len(row[2]) // 8
+    return UserRecord(
+        user_id=user_id,
+        policy=row[0],
+        A_inv=decode_array(row[1], (d, d)),
+        b=decode_array(row[2], (d,)),
+        pulls=row[3],
+        reward_count=row[4],
+        cumulative_reward=row[5],
+        last_updated_ms=row[6],
+    )
+
+
+def _put_user(conn: sqlite3.Connection, u: UserRecord) -> None:
+    conn.execute(
+        _UPSERT_USER,
+        (
+            u.user_id,
+            u.policy,
+            encode_array(u.A_inv),
+            encode_array(u.b),
+            u.pulls,
+            u.reward_count,
+            u.cumulative_reward,
+            u.last_updated_ms,
+        ),
+    )
+
+
+def _decision(r: Any) -> DecisionRecord:
+    d = len(r[6]) // 8
+    ids = tuple(orjson.loads(r[11]))
+    return DecisionRecord(
+        user_id=r[0],
+        seq=r[1],
+        event_id=r[2],
+        ts_ms=r[3],
+        tip_id=r[4],
+        features=orjson.loads(r[5]),
+        x=decode_array(r[6], (d,)),
+        score=r[7],
+        policy=r[8],
+        propensity=r[9],
+        model_version=r[10],
+        candidate_ids=ids,
+        candidate_X=decode_array(r[12], (len(ids), d)),
+        reward=r[13],
+        rewarded_ms=r[14],
+    )
