@@ -25,7 +25,13 @@ REWARD_VALUES = (1.0, 0.5, 0.0, -0.5, -1.0)
 def _vector(hour: int, overdue: bool, age: float, priority: int) -> np.ndarray:
     angle = 2 * math.pi * hour / 24
     return np.array(
-        [math.sin(angle), math.cos(angle), float(overdue), min(age, 30.0) / 30.0, (priority - 1) / 3]
+        [
+            math.sin(angle),
+            math.cos(angle),
+            float(overdue),
+            min(age, 30.0) / 30.0,
+            (priority - 1) / 3,
+        ]
     )
 
 
@@ -53,7 +59,14 @@ def test_concurrent_rewards_and_scores_on_two_workers_lose_nothing(server_factor
         }
         # The reward's tip is never offered by a /score here, so each one is learned on
         # the features it carries and the expected model is order-independent.
-        rewards.append({"user_id": user, "tip_id": "rewarded-tip", "reward": rng.choice(REWARD_VALUES), "features": features})
+        rewards.append(
+            {
+                "user_id": user,
+                "tip_id": "rewarded-tip",
+                "reward": rng.choice(REWARD_VALUES),
+                "features": features,
+            }
+        )
     scores = [
         {
             "user_id": user,

@@ -90,8 +90,13 @@ def test_kill9_under_load_loses_no_acknowledged_reward(server_factory, tmp_path)
             for event_id in acked_events[user][-5:]:
                 again = client.post(
                     "/reward",
-                    json={"user_id": user, "tip_id": _tip_of(client, user, event_id),
-                          "reward": 1.0, "features": {}, "event_id": event_id},
+                    json={
+                        "user_id": user,
+                        "tip_id": _tip_of(client, user, event_id),
+                        "reward": 1.0,
+                        "features": {},
+                        "event_id": event_id,
+                    },
                 )
                 assert again.status_code == 200, again.text
                 assert again.json()["learned"] is False

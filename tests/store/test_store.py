@@ -1,0 +1,856 @@
+"""The store contract, run against every store implementation, on real databases.
+
+The store API is async; each sync test drives it with `asyncio.run`. The store's work
+runs on its own threads, so one store serves several event loops in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sqlite3
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+
+from oo_serving.core.features import D, TaskFeatures, feature_matrix, feature_vector
+from oo_serving.errors import SchemaTooNew, StoreUnavailable, TipMismatch, UnknownEvent
+from oo_serving.service import Candidate, Service
+from oo_serving.settings import Settings
+from oo_serving.store import migrations
+from oo_serving.store.base import (
+    DecisionLookup,
+    DecisionRecord,
+    DecisionRef,
+    HistoryEntry,
+    RewardWrite,
+    ScoreWrite,
+    Store,
+    UserRecord,
+)
+from oo_serving.store.factory import open_store
+from oo_serving.store.sqlite import SQLiteStore
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def settings_for(backend: str, folder: Path, name: str = "s") -> Settings:
+    if backend == "sqlite":
+        return Settings(database_url=f"sqlite:///{folder}/{name}.db")
+    raise AssertionError(f"no settings for backend {backend!r}")
+
+
+@pytest.fixture(params=["sqlite"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store(backend: str, tmp_path: Path) -> Iterator[Store]:
+    """An opened store on a fresh database, closed after the test."""
+    s = open_store(settings_for(backend, tmp_path))
+    run(s.open())
+    yield s
+    run(s.close())
+
+
+# ── records made by hand ─────────────────────────────────────────────────────
+
+FEATURES = {"hour_of_day": 9, "is_overdue": True, "task_age_days": 2.5, "priority": 3}
+
+
+def make_user(
+    user_id: str,
+    *,
+    pulls: int = 1,
+    reward_count: int = 0,
+    cumulative_reward: float = 0.0,
+    A_inv: np.ndarray | None = None,
+    b: np.ndarray | None = None,
+    ts: int = 1_000,
+) -> UserRecord:
+    return UserRecord(
+        user_id=user_id,
+        policy="linucb-v1",
+        A_inv=np.identity(D) if A_inv is None else A_inv,
+        b=np.zeros(D) if b is None else b,
+        pulls=pulls,
+        reward_count=reward_count,
+        cumulative_reward=cumulative_reward,
+        last_updated_ms=ts,
+    )
+
+
+def make_decision(
+    user_id: str,
+    seq: int,
+    event_id: str,
+    *,
+    tip_id: str = "tip-a",
+    x: np.ndarray | None = None,
+    score: float = 0.5,
+) -> DecisionRecord:
+    x = np.full(D, seq / 8.0) if x is None else x
+    return DecisionRecord(
+        user_id=user_id,
+        seq=seq,
+        event_id=event_id,
+        ts_ms=1_000 + seq,
+        tip_id=tip_id,
+        features=dict(FEATURES),
+        x=x,
+        score=score,
+        policy="linucb-v1",
+        propensity=1.0,
+        model_version=0,
+        candidate_ids=(tip_id, "other"),
+        candidate_X=np.stack([x, -x]),
+    )
+
+
+def log_decision(
+    store: Store,
+    user_id: str,
+    seq: int,
+    event_id: str,
+    *,
+    tip_id: str = "tip-a",
+    x: np.ndarray | None = None,
+    keep_from_seq: int = 1,
+) -> ScoreWrite:
+    """One score transaction that writes the user at pulls=seq and logs one decision."""
+    write = ScoreWrite(
+        user=make_user(user_id, pulls=seq),
+        decision=make_decision(user_id, seq, event_id, tip_id=tip_id, x=x),
+        keep_from_seq=keep_from_seq,
+    )
+    return run(store.score_tx(user_id, lambda _user: write))
+
+
+def peek(store: Store, user_id: str, lookup: DecisionLookup) -> DecisionRef | None:
+    """The decision a reward would join to, through a reward transaction that writes nothing."""
+    seen: list[DecisionRef | None] = []
+
+    def look(_user: UserRecord | None, ref: DecisionRef | None) -> RewardWrite:
+        seen.append(ref)
+        return RewardWrite(None, None, 0.0, 0, None)
+
+    run(store.reward_tx(user_id, lookup, look))
+    return seen[0]
+
+
+def event_ids_of(store: Store, user_id: str) -> list[str]:
+    return [h.event_id for h in run(store.history(user_id, 1_000_000))]
+
+
+def assert_same_user(a: UserRecord | None, b: UserRecord | None) -> None:
+    assert a is not None
+    assert b is not None
+    assert a.user_id == b.user_id
+    assert a.policy == b.policy
+    assert a.A_inv.tobytes() == b.A_inv.tobytes()
+    assert a.b.tobytes() == b.b.tobytes()
+    assert (a.pulls, a.reward_count, a.cumulative_reward, a.last_updated_ms) == (
+        b.pulls,
+        b.reward_count,
+        b.cumulative_reward,
+        b.last_updated_ms,
+    )
+
+
+class Boom(Exception):
+    pass
+
+
+# ── users and decisions ──────────────────────────────────────────────────────
+
+
+def test_new_user_reads_as_none(store: Store) -> None:
+    assert run(store.get_user("nobody")) is None
+    assert run(store.history("nobody", 10)) == []
+    assert peek(store, "nobody", DecisionLookup(tip_id="tip-a", event_id=None)) is None
+
+
+def test_ping_answers(store: Store) -> None:
+    run(store.ping())
+
+
+def test_score_tx_creates_the_user_and_logs_the_decision(store: Store) -> None:
+    seen: list[UserRecord | None] = []
+    x = np.array([0.25, -0.5, 1.0, 0.75, 1 / 3])
+    write = ScoreWrite(
+        user=make_user("u1", pulls=1, ts=4242),
+        decision=make_decision("u1", 1, "ev-1", tip_id="tip-z", x=x, score=1.25),
+        keep_from_seq=1,
+    )
+
+    def fn(user: UserRecord | None) -> ScoreWrite:
+        seen.append(user)
+        return write
+
+    returned = run(store.score_tx("u1", fn))
+
+    assert seen == [None]
+    assert returned is write
+    user = run(store.get_user("u1"))
+    assert_same_user(user, write.user)
+    history = run(store.history("u1", 10))
+    assert history == [
+        HistoryEntry(ts_ms=1_001, features=FEATURES, score=1.25, tip_id="tip-z", event_id="ev-1")
+    ]
+    assert type(history[0].features["is_overdue"]) is bool
+    assert type(history[0].features["task_age_days"]) is float
+    ref = peek(store, "u1", DecisionLookup(tip_id="tip-z", event_id="ev-1"))
+    assert ref is not None
+    assert (ref.seq, ref.event_id, ref.tip_id, ref.reward) == (1, "ev-1", "tip-z", None)
+    assert ref.x.tobytes() == x.tobytes()
+
+
+def test_score_tx_passes_the_stored_row_to_fn(store: Store) -> None:
+    log_decision(store, "u1", 1, "ev-1")
+    stored = run(store.get_user("u1"))
+    seen: list[UserRecord | None] = []
+
+    def fn(user: UserRecord | None) -> ScoreWrite:
+        seen.append(user)
+        return ScoreWrite(make_user("u1", pulls=2), make_decision("u1", 2, "ev-2"), 1)
+
+    run(store.score_tx("u1", fn))
+    assert len(seen) == 1
+    assert_same_user(seen[0], stored)
+    assert run(store.get_user("u1")).pulls == 2  # type: ignore[union-attr]
+    assert event_ids_of(store, "u1") == ["ev-1", "ev-2"]
+
+
+def test_arrays_round_trip_bit_exactly(store: Store) -> None:
+    rng = np.random.default_rng(99)
+    A_inv = rng.standard_normal((D, D)) * 10.0 ** rng.integers(-300, 300, (D, D))
+    A_inv[0, 0] = -0.0
+    A_inv[0, 1] = 5e-324  # the smallest subnormal
+    A_inv[0, 2] = np.nextafter(1.0, 2.0)
+    A_inv[0, 3] = np.finfo(np.float64).max
+    A_inv[0, 4] = 1 / 3
+    b = np.array([np.pi, -np.e, 1e-310, -1e308, 0.1])
+    x = np.array([np.nextafter(0.5, 0.0), 2 / 3, -0.0, 1e-17, 0.7])
+    write = ScoreWrite(
+        user=make_user("u1", A_inv=A_inv, b=b, cumulative_reward=0.1 + 0.2),
+        decision=make_decision("u1", 1, "ev-1", x=x, score=np.nextafter(0.3, 1.0)),
+        keep_from_seq=1,
+    )
+    run(store.score_tx("u1", lambda _user: write))
+
+    user = run(store.get_user("u1"))
+    assert user is not None
+    assert user.A_inv.dtype == np.float64
+    assert user.A_inv.shape == (D, D)
+    assert user.A_inv.tobytes() == A_inv.tobytes()
+    assert user.b.dtype == np.float64
+    assert user.b.shape == (D,)
+    assert user.b.tobytes() == b.tobytes()
+    assert user.cumulative_reward == 0.1 + 0.2
+    assert user.A_inv.flags.writeable
+    ref = peek(store, "u1", DecisionLookup(tip_id="tip-a", event_id="ev-1"))
+    assert ref is not None
+    assert ref.x.dtype == np.float64
+    assert ref.x.tobytes() == x.tobytes()
+    assert run(store.history("u1", 1))[0].score == np.nextafter(0.3, 1.0)
+
+
+# ── nothing is written when fn raises ────────────────────────────────────────
+
+
+def test_score_fn_that_raises_writes_nothing_for_a_new_user(store: Store) -> None:
+    def fn(_user: UserRecord | None) -> ScoreWrite:
+        raise Boom
+
+    with pytest.raises(Boom):
+        run(store.score_tx("u1", fn))
+    assert run(store.get_user("u1")) is None
+    assert run(store.history("u1", 10)) == []
+
+
+def test_score_fn_that_raises_writes_nothing_for_an_existing_user(store: Store) -> None:
+    log_decision(store, "u1", 1, "ev-1")
+    before = run(store.get_user("u1"))
+
+    def fn(_user: UserRecord | None) -> ScoreWrite:
+        raise Boom("no")
+
+    with pytest.raises(Boom, match="no"):
+        run(store.score_tx("u1", fn))
+    assert_same_user(run(store.get_user("u1")), before)
+    assert event_ids_of(store, "u1") == ["ev-1"]
+
+
+def test_a_score_write_that_fails_midway_is_rolled_back(store: Store) -> None:
+    """The user row is written before the decision; a refused decision undoes both."""
+    log_decision(store, "u1", 1, "ev-1")
+    log_decision(store, "u1", 2, "ev-2")
+    before = run(store.get_user("u1"))
+    clash = ScoreWrite(
+        user=make_user("u1", pulls=99, reward_count=7, cumulative_reward=3.0),
+        decision=make_decision("u1", 2, "ev-new"),  # seq 2 is already logged
+        keep_from_seq=2,  # would prune seq 1
+    )
+    with pytest.raises(StoreUnavailable):
+        run(store.score_tx("u1", lambda _user: clash))
+    assert_same_user(run(store.get_user("u1")), before)
+    assert event_ids_of(store, "u1") == ["ev-1", "ev-2"]
+
+
+def test_reward_fn_that_raises_writes_nothing(store: Store) -> None:
+    log_decision(store, "u1", 1, "ev-1")
+    before = run(store.get_user("u1"))
+    calls: list[DecisionRef | None] = []
+
+    def fn(_user: UserRecord | None, ref: DecisionRef | None) -> RewardWrite:
+        calls.append(ref)
+        raise Boom
+
+    with pytest.raises(Boom):
+        run(store.reward_tx("u1", DecisionLookup(tip_id="tip-a", event_id="ev-1"), fn))
+    assert len(calls) == 1
+    assert calls[0] is not None
+    assert_same_user(run(store.get_user("u1")), before)
+    ref = peek(store, "u1", DecisionLookup(tip_id="tip-a", event_id="ev-1"))
+    assert ref is not None
+    assert ref.reward is None
+    assert event_ids_of(store, "u1") == ["ev-1"]
+
+
+def test_reward_fn_that_raises_for_a_new_user_writes_nothing(store: Store) -> None:
+    def fn(_user: UserRecord | None, _ref: DecisionRef | None) -> RewardWrite:
+        raise Boom
+
+    with pytest.raises(Boom):
+        run(store.reward_tx("u1", DecisionLookup(tip_id="tip-a", event_id=None), fn))
+    assert run(store.get_user("u1")) is None
+
+
+def test_the_store_keeps_working_after_a_failed_transaction(store: Store) -> None:
+    def fn(_user: UserRecord | None) -> ScoreWrite:
+        raise Boom
+
+    with pytest.raises(Boom):
+        run(store.score_tx("u1", fn))
+    log_decision(store, "u1", 1, "ev-1")
+    assert event_ids_of(store, "u1") == ["ev-1"]
+
+
+# ── history and pruning ──────────────────────────────────────────────────────
+
+
+def test_history_is_the_last_limit_decisions_oldest_first(store: Store) -> None:
+    for seq in range(1, 7):
+        log_decision(store, "u1", seq, f"ev-{seq}", tip_id=f"tip-{seq}")
+    log_decision(store, "u2", 1, "other-1")
+
+    last3 = run(store.history("u1", 3))
+    assert [h.event_id for h in last3] == ["ev-4", "ev-5", "ev-6"]
+    assert [h.tip_id for h in last3] == ["tip-4", "tip-5", "tip-6"]
+    assert [h.ts_ms for h in last3] == [1_004, 1_005, 1_006]
+    assert [h.event_id for h in run(store.history("u1", 100))] == [f"ev-{i}" for i in range(1, 7)]
+    assert [h.event_id for h in run(store.history("u1", 1))] == ["ev-6"]
+    assert run(store.history("u1", 0)) == []
+
+
+def test_pruning_deletes_older_decisions_of_that_user_only(store: Store) -> None:
+    for seq in range(1, 6):
+        log_decision(store, "u1", seq, f"a-{seq}")
+        log_decision(store, "u2", seq, f"b-{seq}")
+
+    log_decision(store, "u1", 6, "a-6", keep_from_seq=4)
+
+    assert event_ids_of(store, "u1") == ["a-4", "a-5", "a-6"]
+    assert event_ids_of(store, "u2") == [f"b-{i}" for i in range(1, 6)]
+    assert peek(store, "u1", DecisionLookup(tip_id="tip-a", event_id="a-3")) is None
+    assert peek(store, "u2", DecisionLookup(tip_id="tip-a", event_id="b-3")) is not None
+
+
+def test_pruning_point_at_the_new_decision_keeps_only_it(store: Store) -> None:
+    for seq in range(1, 4):
+        log_decision(store, "u1", seq, f"a-{seq}")
+    log_decision(store, "u1", 4, "a-4", keep_from_seq=4)
+    assert event_ids_of(store, "u1") == ["a-4"]
+
+
+# ── delete ───────────────────────────────────────────────────────────────────
+
+
+def test_delete_user_removes_that_user_only(store: Store) -> None:
+    for seq in range(1, 4):
+        log_decision(store, "u1", seq, f"a-{seq}")
+        log_decision(store, "u2", seq, f"b-{seq}")
+    log_decision(store, "u1", 4, "shared")
+    log_decision(store, "u2", 4, "shared")
+    u2_before = run(store.get_user("u2"))
+
+    assert run(store.delete_user("u1")) is True
+
+    assert run(store.get_user("u1")) is None
+    assert run(store.history("u1", 100)) == []
+    assert peek(store, "u1", DecisionLookup(tip_id="tip-a", event_id="shared")) is None
+    assert_same_user(run(store.get_user("u2")), u2_before)
+    assert event_ids_of(store, "u2") == ["b-1", "b-2", "b-3", "shared"]
+
+    assert run(store.delete_user("u1")) is False
+    assert run(store.delete_user("never-seen")) is False
+
+
+def test_a_deleted_user_starts_over(store: Store) -> None:
+    log_decision(store, "u1", 1, "ev-1")
+    assert run(store.delete_user("u1")) is True
+    seen: list[UserRecord | None] = []
+
+    def fn(user: UserRecord | None) -> ScoreWrite:
+        seen.append(user)
+        return ScoreWrite(make_user("u1"), make_decision("u1", 1, "ev-again"), 1)
+
+    run(store.score_tx("u1", fn))
+    assert seen == [None]
+    assert event_ids_of(store, "u1") == ["ev-again"]
+
+
+# ── reward lookup ────────────────────────────────────────────────────────────
+
+
+def test_lookup_by_event_id_finds_this_users_decision_only(store: Store) -> None:
+    xa = np.array([1.0, 0.0, 0.0, 0.0, 0.0])
+    xb = np.array([0.0, 0.0, 0.0, 0.0, 1.0])
+    log_decision(store, "u1", 1, "ev-first")
+    log_decision(store, "u1", 2, "shared", tip_id="tip-a", x=xa)
+    log_decision(store, "u2", 1, "shared", tip_id="tip-b", x=xb)
+
+    ref = peek(store, "u1", DecisionLookup(tip_id="ignored", event_id="shared"))
+    assert ref is not None
+    assert (ref.seq, ref.event_id, ref.tip_id) == (2, "shared", "tip-a")
+    assert ref.x.tobytes() == xa.tobytes()
+
+    ref = peek(store, "u2", DecisionLookup(tip_id="ignored", event_id="shared"))
+    assert ref is not None
+    assert (ref.seq, ref.tip_id) == (1, "tip-b")
+    assert ref.x.tobytes() == xb.tobytes()
+
+    assert peek(store, "u2", DecisionLookup(tip_id="tip-a", event_id="ev-first")) is None
+    assert peek(store, "u3", DecisionLookup(tip_id="tip-a", event_id="shared")) is None
+
+
+def test_lookup_without_event_id_finds_the_latest_decision_for_the_tip(store: Store) -> None:
+    log_decision(store, "u1", 1, "ev-1", tip_id="t1")
+    log_decision(store, "u1", 2, "ev-2", tip_id="t2")
+    log_decision(store, "u1", 3, "ev-3", tip_id="t1")
+    log_decision(store, "u1", 4, "ev-4", tip_id="t2")
+    log_decision(store, "u2", 5, "ev-5", tip_id="t1")  # a later seq, but another user
+
+    ref = peek(store, "u1", DecisionLookup(tip_id="t1", event_id=None))
+    assert ref is not None
+    assert (ref.seq, ref.event_id) == (3, "ev-3")
+    assert ref.x.tobytes() == np.full(D, 3 / 8).tobytes()
+    ref = peek(store, "u1", DecisionLookup(tip_id="t2", event_id=None))
+    assert ref is not None
+    assert ref.event_id == "ev-4"
+    assert peek(store, "u1", DecisionLookup(tip_id="t9", event_id=None)) is None
+
+
+def test_reward_tx_passes_the_user_row_and_writes_it(store: Store) -> None:
+    log_decision(store, "u1", 1, "ev-1")
+    stored = run(store.get_user("u1"))
+    seen: list[UserRecord | None] = []
+    new_user = make_user("u1", reward_count=1, cumulative_reward=0.5, b=np.full(D, 0.5), ts=9)
+
+    def fn(user: UserRecord | None, _ref: DecisionRef | None) -> RewardWrite:
+        seen.append(user)
+        return RewardWrite(new_user, "ev-1", 0.5, 9, "ev-1")
+
+    returned = run(store.reward_tx("u1", DecisionLookup(tip_id="tip-a", event_id="ev-1"), fn))
+    assert returned.user is new_user
+    assert_same_user(seen[0], stored)
+    assert_same_user(run(store.get_user("u1")), new_user)
+    ref = peek(store, "u1", DecisionLookup(tip_id="tip-a", event_id="ev-1"))
+    assert ref is not None
+    assert ref.reward == 0.5
+
+
+def test_reward_event_is_marked_only_once(store: Store) -> None:
+    log_decision(store, "u1", 1, "ev-1")
+    log_decision(store, "u2", 1, "ev-1")
+    lookup = DecisionLookup(tip_id="tip-a", event_id="ev-1")
+
+    run(store.reward_tx("u1", lookup, lambda _u, _r: RewardWrite(None, "ev-1", 0.75, 10, "ev-1")))
+    first = peek(store, "u1", lookup)
+    assert first is not None
+    assert first.reward == 0.75
+
+    run(store.reward_tx("u1", lookup, lambda _u, _r: RewardWrite(None, "ev-1", -1.0, 20, "ev-1")))
+    second = peek(store, "u1", lookup)
+    assert second is not None
+    assert second.reward == 0.75
+
+    other = peek(store, "u2", lookup)
+    assert other is not None
+    assert other.reward is None
+
+
+# ── migrations (SQLite) ──────────────────────────────────────────────────────
+
+
+def sqlite_store(path: Path) -> SQLiteStore:
+    store = open_store(Settings(database_url=f"sqlite:///{path}"))
+    assert isinstance(store, SQLiteStore)
+    return store
+
+
+def test_migrations_apply_once(tmp_path: Path) -> None:
+    known = [m.version for m in migrations.load("sqlite")]
+    assert known == list(range(1, len(known) + 1))
+    assert known
+
+    fresh = sqlite_store(tmp_path / "m.db")
+    try:
+        assert fresh.migrate() == known
+        assert fresh.migrate() == []
+    finally:
+        run(fresh.close())
+
+
+def test_opening_twice_is_a_no_op(tmp_path: Path) -> None:
+    path = tmp_path / "m.db"
+    first = sqlite_store(path)
+    run(first.open())
+    try:
+        log_decision(first, "u1", 1, "ev-1")
+        assert first.migrate() == []
+    finally:
+        run(first.close())
+
+    second = sqlite_store(path)
+    run(second.open())
+    try:
+        assert second.migrate() == []
+        assert event_ids_of(second, "u1") == ["ev-1"]
+        assert run(second.get_user("u1")) is not None
+    finally:
+        run(second.close())
+
+    with sqlite3.connect(path) as conn:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    conn.close()
+    assert version == len(migrations.load("sqlite"))
+    assert mode == "wal"
+
+
+def test_a_schema_newer_than_this_release_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    newer = len(migrations.load("sqlite")) + 1
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE from_the_future (x INTEGER)")
+    conn.execute(f"PRAGMA user_version = {newer}")
+    conn.commit()
+    conn.close()
+
+    store = sqlite_store(path)
+    try:
+        with pytest.raises(SchemaTooNew, match=str(newer)):
+            run(store.open())
+    finally:
+        run(store.close())
+
+    conn = sqlite3.connect(path)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    conn.close()
+    assert version == newer
+    assert tables == {"from_the_future"}
+
+
+def test_a_closed_store_refuses_work(store: Store) -> None:
+    run(store.close())
+    with pytest.raises(StoreUnavailable):
+        run(store.get_user("u1"))
+    with pytest.raises(StoreUnavailable):
+        log_decision(store, "u1", 1, "ev-1")
+
+
+# ── the service on a real store ──────────────────────────────────────────────
+
+
+def task(hour: int, overdue: bool, age: float, priority: int) -> TaskFeatures:
+    return TaskFeatures(hour_of_day=hour, is_overdue=overdue, task_age_days=age, priority=priority)
+
+
+def make_service(store: Store, **kwargs: Any) -> Service:
+    counter = itertools.count(1)
+    clock = itertools.count(1_000)
+    return Service(
+        store,
+        event_ids=lambda: f"ev-{next(counter)}",
+        clock_ms=lambda: next(clock),
+        **kwargs,
+    )
+
+
+CANDIDATES = [
+    Candidate("tip-small", task(12, False, 0, 1)),
+    Candidate("tip-big", task(6, True, 30, 4)),
+    Candidate("tip-mid", task(18, False, 15, 2)),
+]
+OTHER_FEATURES = task(3, False, 1, 2)
+
+
+def closed_form(observed: list[tuple[np.ndarray, float]]) -> tuple[np.ndarray, np.ndarray]:
+    A = np.identity(D)
+    b = np.zeros(D)
+    for x, r in observed:
+        A += np.outer(x, x)
+        b += r * x
+    return np.linalg.inv(A), b
+
+
+def test_service_score_logs_the_decision(store: Store) -> None:
+    service = make_service(store)
+    result = run(service.score("u1", CANDIDATES))
+
+    # A fresh model scores α·‖x‖; the largest vector wins.
+    X = feature_matrix([c.features for c in CANDIDATES])
+    expected = int(np.argmax(np.linalg.norm(X, axis=1)))
+    assert result.tip_id == CANDIDATES[expected].id == "tip-big"
+    assert result.score == pytest.approx(float(np.linalg.norm(X[expected])), abs=1e-12)
+    assert result.policy == "linucb-v1"
+    assert result.event_id == "ev-1"
+
+    user = run(store.get_user("u1"))
+    assert user is not None
+    assert (user.pulls, user.reward_count, user.cumulative_reward) == (1, 0, 0.0)
+    np.testing.assert_array_equal(user.A_inv, np.identity(D))
+    history = run(service.history("u1"))
+    assert [(h.event_id, h.tip_id) for h in history] == [("ev-1", "tip-big")]
+    assert history[0].features == CANDIDATES[expected].features.as_dict()
+    ref = peek(store, "u1", DecisionLookup(tip_id="tip-big", event_id="ev-1"))
+    assert ref is not None
+    assert ref.x.tobytes() == X[expected].tobytes()
+
+
+def test_service_reward_with_event_id_learns_on_the_scored_vector(store: Store) -> None:
+    service = make_service(store)
+    scored = run(service.score("u1", CANDIDATES))
+    x = feature_vector(next(c.features for c in CANDIDATES if c.id == scored.tip_id))
+
+    result = run(service.reward("u1", scored.tip_id, 0.75, OTHER_FEATURES, scored.event_id))
+
+    assert result.learned is True
+    assert result.event_id == scored.event_id
+    user = run(store.get_user("u1"))
+    assert user is not None
+    A_inv, b = closed_form([(x, 0.75)])
+    np.testing.assert_allclose(user.A_inv, A_inv, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(user.b, b, rtol=0, atol=1e-15)
+    assert (user.pulls, user.reward_count, user.cumulative_reward) == (1, 1, 0.75)
+    ref = peek(store, "u1", DecisionLookup(tip_id=scored.tip_id, event_id=scored.event_id))
+    assert ref is not None
+    assert ref.reward == 0.75
+    stats = run(service.stats("u1"))
+    np.testing.assert_allclose(stats.theta, A_inv @ b, rtol=0, atol=1e-12)
+    assert stats.estimated_mean == 0.75
+
+
+def test_service_repeated_reward_changes_nothing(store: Store) -> None:
+    service = make_service(store)
+    scored = run(service.score("u1", CANDIDATES))
+    run(service.reward("u1", scored.tip_id, 1.0, OTHER_FEATURES, scored.event_id))
+    before = run(store.get_user("u1"))
+
+    again = run(service.reward("u1", scored.tip_id, -1.0, OTHER_FEATURES, scored.event_id))
+
+    assert again.learned is False
+    assert again.event_id == scored.event_id
+    assert_same_user(run(store.get_user("u1")), before)
+    ref = peek(store, "u1", DecisionLookup(tip_id=scored.tip_id, event_id=scored.event_id))
+    assert ref is not None
+    assert ref.reward == 1.0
+
+
+def test_service_unknown_event_raises_and_writes_nothing(store: Store) -> None:
+    service = make_service(store)
+    scored = run(service.score("u1", CANDIDATES))
+    run(service.score("u2", CANDIDATES))  # u2's first event is "ev-2"
+    before = run(store.get_user("u1"))
+
+    with pytest.raises(UnknownEvent) as info:
+        run(service.reward("u1", scored.tip_id, 1.0, OTHER_FEATURES, "no-such-event"))
+    assert info.value.loc == ("body", "event_id")
+    with pytest.raises(UnknownEvent):
+        run(service.reward("u1", scored.tip_id, 1.0, OTHER_FEATURES, "ev-2"))
+    with pytest.raises(UnknownEvent):
+        run(service.reward("nobody", scored.tip_id, 1.0, OTHER_FEATURES, scored.event_id))
+
+    assert_same_user(run(store.get_user("u1")), before)
+    assert run(store.get_user("nobody")) is None
+
+
+def test_service_tip_mismatch_raises_and_writes_nothing(store: Store) -> None:
+    service = make_service(store)
+    scored = run(service.score("u1", CANDIDATES))
+    before = run(store.get_user("u1"))
+    wrong = next(c.id for c in CANDIDATES if c.id != scored.tip_id)
+
+    with pytest.raises(TipMismatch) as info:
+        run(service.reward("u1", wrong, 1.0, OTHER_FEATURES, scored.event_id))
+    assert info.value.loc == ("body", "tip_id")
+
+    assert_same_user(run(store.get_user("u1")), before)
+    ref = peek(store, "u1", DecisionLookup(tip_id=scored.tip_id, event_id=scored.event_id))
+    assert ref is not None
+    assert ref.reward is None
+
+
+def test_service_reward_without_event_id_uses_the_latest_decision_for_the_tip(
+    store: Store,
+) -> None:
+    service = make_service(store)
+    first = task(1, False, 2, 1)
+    latest = task(20, True, 9, 3)
+    run(service.score("u1", [Candidate("tip-a", first)]))
+    second = run(service.score("u1", [Candidate("tip-a", latest)]))
+    run(service.score("u1", [Candidate("tip-b", task(5, False, 0, 4))]))
+
+    result = run(service.reward("u1", "tip-a", 0.5, OTHER_FEATURES))
+
+    assert result.learned is True
+    assert result.event_id == second.event_id
+    user = run(store.get_user("u1"))
+    assert user is not None
+    A_inv, b = closed_form([(feature_vector(latest), 0.5)])
+    np.testing.assert_allclose(user.A_inv, A_inv, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(user.b, b, rtol=0, atol=1e-15)
+    ref = peek(store, "u1", DecisionLookup(tip_id="tip-a", event_id=second.event_id))
+    assert ref is not None
+    assert ref.reward == 0.5
+
+
+def test_service_reward_without_event_id_or_decision_uses_the_request(store: Store) -> None:
+    service = make_service(store)
+    run(service.score("u1", [Candidate("tip-a", task(1, False, 2, 1))]))
+
+    result = run(service.reward("u1", "tip-unscored", -0.25, OTHER_FEATURES))
+
+    assert result.learned is True
+    assert result.event_id is None
+    user = run(store.get_user("u1"))
+    assert user is not None
+    A_inv, b = closed_form([(feature_vector(OTHER_FEATURES), -0.25)])
+    np.testing.assert_allclose(user.A_inv, A_inv, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(user.b, b, rtol=0, atol=1e-15)
+    assert (user.pulls, user.reward_count, user.cumulative_reward) == (1, 1, -0.25)
+
+    # A user never scored learns on the request too, and gets a row.
+    result = run(service.reward("fresh", "tip-a", 1.0, OTHER_FEATURES))
+    assert result == type(result)(learned=True, event_id=None)
+    fresh = run(store.get_user("fresh"))
+    assert fresh is not None
+    assert (fresh.pulls, fresh.reward_count) == (0, 1)
+
+
+@pytest.mark.parametrize(
+    ("history_size", "log_per_user", "kept"),
+    [(3, 5, 5), (7, 2, 7), (4, 4, 4), (1, 1, 1)],
+)
+def test_service_keeps_at_most_max_of_log_and_history(
+    store: Store, history_size: int, log_per_user: int, kept: int
+) -> None:
+    service = make_service(store, history_size=history_size, decision_log_per_user=log_per_user)
+    other = make_service(store)
+    run(other.score("bystander", CANDIDATES))
+    event_ids: list[str] = []
+    for i in range(1, 13):
+        event_ids.append(run(service.score("u1", CANDIDATES)).event_id)
+        retained = event_ids_of(store, "u1")
+        assert len(retained) <= max(history_size, log_per_user)
+        assert retained == event_ids[-kept:]
+        assert len(run(service.history("u1"))) == min(i, history_size)
+    assert run(store.get_user("u1")).pulls == 12  # type: ignore[union-attr]
+    assert len(event_ids_of(store, "bystander")) == 1
+
+
+def test_service_reset_forgets_the_user(store: Store) -> None:
+    service = make_service(store)
+    scored = run(service.score("u1", CANDIDATES))
+    run(service.score("u2", CANDIDATES))
+    assert run(service.reset("u1")) is True
+    assert run(service.reset("u1")) is False
+    assert run(store.get_user("u1")) is None
+    with pytest.raises(UnknownEvent):
+        run(service.reward("u1", scored.tip_id, 1.0, OTHER_FEATURES, scored.event_id))
+    assert run(store.get_user("u2")) is not None
+
+
+# ── concurrency inside one process ───────────────────────────────────────────
+
+
+def test_concurrent_rewards_all_count(store: Store) -> None:
+    service = make_service(store)
+    # hour 0, overdue, 15 days, priority 4: x = (0, 1, 1, 0.5, 1), every entry exact,
+    # and every reward a multiple of 1/8, so any order of the sums is exact.
+    features = task(0, True, 15, 4)
+    x = feature_vector(features)
+    assert x.tolist() == [0.0, 1.0, 1.0, 0.5, 1.0]
+    rewards = [((i % 17) - 8) / 8 for i in range(200)]
+
+    async def all_at_once() -> list[Any]:
+        return await asyncio.gather(*(service.reward("u1", "tip-a", r, features) for r in rewards))
+
+    results = run(all_at_once())
+
+    assert all(r.learned for r in results)
+    user = run(store.get_user("u1"))
+    assert user is not None
+    assert user.reward_count == 200
+    total = sum(((i % 17) - 8) for i in range(200)) / 8
+    assert user.cumulative_reward == total
+    np.testing.assert_array_equal(user.b, total * x)
+    A_inv = np.linalg.inv(np.identity(D) + 200 * np.outer(x, x))
+    np.testing.assert_allclose(user.A_inv, A_inv, rtol=0, atol=1e-9)
+
+
+def test_concurrent_scores_all_count(store: Store) -> None:
+    service = make_service(store)
+
+    async def all_at_once() -> list[Any]:
+        return await asyncio.gather(*(service.score("u1", CANDIDATES) for _ in range(100)))
+
+    results = run(all_at_once())
+
+    user = run(store.get_user("u1"))
+    assert user is not None
+    assert user.pulls == 100
+    logged = event_ids_of(store, "u1")
+    assert len(logged) == 100
+    assert sorted(logged) == sorted(r.event_id for r in results)
+
+
+def test_concurrent_scores_and_rewards_interleave_without_loss(store: Store) -> None:
+    service = make_service(store)
+    features = task(0, True, 15, 4)
+
+    async def mixed() -> None:
+        calls: list[Coroutine[Any, Any, Any]] = []
+        for i in range(60):
+            if i % 2:
+                calls.append(service.reward("u1", "tip-none", 0.5, features))
+            else:
+                calls.append(service.score("u1", CANDIDATES))
+        await asyncio.gather(*calls)
+
+    run(mixed())
+
+    user = run(store.get_user("u1"))
+    assert user is not None
+    assert (user.pulls, user.reward_count, user.cumulative_reward) == (30, 30, 15.0)
+    assert len(event_ids_of(store, "u1")) == 30
