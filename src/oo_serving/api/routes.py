@@ -6,8 +6,11 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Path, Request, Response
 from fastapi.routing import APIRoute
+from pydantic import AfterValidator
+from starlette.convertors import Convertor, register_url_convertor
 
 from oo_serving.api.schemas import (
+    USER_ID_DESCRIPTION,
     USER_ID_MAX_LENGTH,
     USER_ID_PATTERN,
     CandidateFeatures,
@@ -21,6 +24,7 @@ from oo_serving.api.schemas import (
     ScoreResponse,
     StatsResponse,
     format_ts,
+    refuse_dot_segments,
     score_request_model,
 )
 from oo_serving.core.features import TaskFeatures
@@ -46,15 +50,35 @@ class StrictJSONRoute(APIRoute):
         return strict_handler
 
 
+class _WholeSegmentConvertor(Convertor[str]):
+    """Like `path`, but the match cannot stop short of a trailing newline.
+
+    Starlette anchors route patterns with `$`, which also matches before a final "\n";
+    with `.*` an id of "u\n" would reach the handler as "u". Matching everything lets
+    the user_id pattern see, and refuse, the whole id.
+    """
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("whole", _WholeSegmentConvertor())
+
 PathUserId = Annotated[
     str,
     Path(
         min_length=1,
         max_length=USER_ID_MAX_LENGTH,
         pattern=USER_ID_PATTERN,
-        description="1–256 characters from A–Z a–z 0–9 - . _ ~ : @ + =",
+        description=USER_ID_DESCRIPTION,
         examples=["user-42"],
     ),
+    AfterValidator(refuse_dot_segments),
 ]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -123,13 +147,13 @@ def build_router(service: Service, max_candidates: int) -> APIRouter:
         )
         return RewardResponse(learned=result.learned, event_id=result.event_id)
 
-    @router.post("/reset/{user_id:path}", tags=["users"], responses=ERRORS)
+    @router.post("/reset/{user_id:whole}", tags=["users"], responses=ERRORS)
     async def reset(user_id: PathUserId) -> OkResponse:
         """Forget this user's model, history and decision log (nobody else's)."""
         await service.reset(user_id)
         return OkResponse()
 
-    @router.get("/stats/{user_id:path}", tags=["users"], responses=ERRORS)
+    @router.get("/stats/{user_id:whole}", tags=["users"], responses=ERRORS)
     async def stats(user_id: PathUserId) -> StatsResponse:
         """The user's counters and θ. An unknown user has zeros and last_updated null."""
         s = await service.stats(user_id)
@@ -144,7 +168,7 @@ def build_router(service: Service, max_candidates: int) -> APIRouter:
             last_updated=None if s.last_updated_ms is None else format_ts(s.last_updated_ms),
         )
 
-    @router.get("/features/{user_id:path}", tags=["users"], responses=ERRORS)
+    @router.get("/features/{user_id:whole}", tags=["users"], responses=ERRORS)
     async def features(user_id: PathUserId) -> FeaturesResponse:
         """The user's last decisions (100 by default), oldest first, as scored."""
         entries = await service.history(user_id)

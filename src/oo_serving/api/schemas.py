@@ -9,12 +9,25 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
 
 USER_ID_PATTERN = r"^[A-Za-z0-9\-._~:@+=]+$"
 USER_ID_MAX_LENGTH = 256
 TIP_ID_MAX_LENGTH = 256
 TEXT_MAX_LENGTH = 16_384
+
+USER_ID_DESCRIPTION = (
+    "1–256 characters from A–Z a–z 0–9 - . _ ~ : @ + =, and not `.` or `..`,"
+    " so that every id can be written in a URL path as it is."
+)
+
+
+def refuse_dot_segments(user_id: str) -> str:
+    """`.` and `..` match the pattern but cannot be sent in a URL path: refuse them."""
+    if user_id in (".", ".."):
+        raise ValueError("user_id cannot be '.' or '..': they are not addressable in a URL path")
+    return user_id
+
 
 UserId = Annotated[
     str,
@@ -22,9 +35,10 @@ UserId = Annotated[
         min_length=1,
         max_length=USER_ID_MAX_LENGTH,
         pattern=USER_ID_PATTERN,
-        description="1–256 characters from A–Z a–z 0–9 - . _ ~ : @ + = (safe in a URL path).",
+        description=USER_ID_DESCRIPTION,
         examples=["user-42"],
     ),
+    AfterValidator(refuse_dot_segments),
 ]
 TipId = Annotated[
     str,
