@@ -10,19 +10,76 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import psycopg
 import pytest
 
 STARTUP_TIMEOUT_S = 30.0
+DEFAULT_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def with_database(dsn: str, name: str) -> str:
+    """The URL `dsn` pointing at database `name` instead."""
+    parts = urlsplit(dsn)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"OO_TEST_POSTGRES_DSN must be a postgresql:// URL, got {dsn!r}")
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_dsn() -> str:
+    """Where the tests find PostgreSQL: OO_TEST_POSTGRES_DSN, else localhost.
+
+    On CI (CI=true) PostgreSQL must be there; elsewhere its tests skip, saying why.
+    """
+    dsn = os.environ.get("OO_TEST_POSTGRES_DSN", DEFAULT_POSTGRES_DSN)
+    try:
+        psycopg.connect(dsn, autocommit=True, connect_timeout=3).close()
+    except psycopg.OperationalError as exc:
+        reason = f"PostgreSQL is not reachable at OO_TEST_POSTGRES_DSN={dsn}: {exc}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (on CI the PostgreSQL tests must run)")
+        pytest.skip(reason)
+    return dsn
+
+
+@contextmanager
+def throwaway_database(admin_dsn: str) -> Iterator[str]:
+    """A new, empty database; its URL; dropped afterwards."""
+    name = f"oo_test_{uuid.uuid4().hex[:12]}"
+    # A connection for each statement: a test may restart the database in between.
+    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(admin_dsn, name)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_admin_dsn: str) -> Iterator[str]:
+    """A throwaway database shared by the test run; tests isolate by user id."""
+    with throwaway_database(postgres_admin_dsn) as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_admin_dsn: str) -> Iterator[str]:
+    """A throwaway database of this test's own."""
+    with throwaway_database(postgres_admin_dsn) as url:
+        yield url
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -34,6 +91,7 @@ class Server:
     workers: int
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    url: str | None = None  # a database URL instead of the SQLite file at db_path
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -42,7 +100,7 @@ class Server:
 
     @property
     def database_url(self) -> str:
-        return f"sqlite:///{self.db_path}"
+        return self.url or f"sqlite:///{self.db_path}"
 
     def start(self) -> Server:
         cmd = [
@@ -88,17 +146,24 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def client(self, **kwargs: object) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30.0, **kwargs)  # type: ignore[arg-type]
+    def client(self, timeout: float = 30.0) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=timeout)
 
 
 @pytest.fixture
 def server_factory(tmp_path: Path) -> Iterator[type[Server] | object]:
-    """Start servers with `server_factory(workers=2, db_path=..., env={...})`; all stop after."""
+    """Start servers: `server_factory(workers=2, db_path=..., database_url=..., env={...})`.
+
+    Every server started stops after the test.
+    """
     started: list[Server] = []
 
     def make(
-        *, workers: int = 1, db_path: Path | None = None, env: dict[str, str] | None = None
+        *,
+        workers: int = 1,
+        db_path: Path | None = None,
+        database_url: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> Server:
         server = Server(
             db_path=db_path or tmp_path / "oo.db",
@@ -106,6 +171,7 @@ def server_factory(tmp_path: Path) -> Iterator[type[Server] | object]:
             workers=workers,
             log_path=tmp_path / f"server-{len(started)}.log",
             env=env or {},
+            url=database_url,
         )
         started.append(server)
         return server.start()

@@ -13,7 +13,7 @@ import typer
 import uvicorn
 from pydantic import ValidationError
 
-from oo_serving.errors import SchemaError
+from oo_serving.errors import SchemaError, StoreUnavailable
 from oo_serving.settings import Settings
 from oo_serving.store import open_store
 
@@ -56,7 +56,7 @@ async def _migrate(settings: Settings) -> None:
 def _migrate_or_exit(settings: Settings) -> None:
     try:
         asyncio.run(_migrate(settings))
-    except (SchemaError, ValueError) as exc:
+    except (SchemaError, StoreUnavailable, ValueError) as exc:
         typer.echo(f"oo-serving: {exc}", err=True)
         raise typer.Exit(2) from exc
 

@@ -23,7 +23,8 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="Worker processes sharing the database.")
     database_url: str = Field(
         DEFAULT_DATABASE_URL,
-        description="sqlite:///relative.db or sqlite:////absolute.db (folder created).",
+        description="sqlite:///relative.db, sqlite:////absolute.db (folder created), or"
+        " postgresql://user@host:port/dbname.",
     )
     max_candidates: int = Field(
         1000, ge=1, le=100_000, description="Most candidates one /score may offer."
@@ -48,6 +49,27 @@ class Settings(BaseSettings):
         "full",
         description="full: an acknowledged write survives power loss; normal: survives a"
         " process crash only, faster.",
+    )
+    pg_pool_min_size: int = Field(
+        1, ge=0, le=1000, description="PostgreSQL connections each worker keeps open."
+    )
+    pg_pool_max_size: int = Field(
+        10, ge=1, le=1000, description="Most PostgreSQL connections per worker."
+    )
+    pg_pool_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        le=600,
+        description="How long a request waits for a PostgreSQL connection before a 503.",
+    )
+    pg_connect_timeout_s: int = Field(
+        2, ge=1, le=600, description="How long opening a PostgreSQL connection may take."
+    )
+    pg_statement_timeout_ms: int = Field(
+        5000,
+        ge=1,
+        le=600_000,
+        description="Longest a PostgreSQL statement or row-lock wait may take before a 503.",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Server log level."

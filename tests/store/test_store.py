@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sqlite3
+import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import psycopg
 import pytest
 
 from oo_serving.core.features import D, TaskFeatures, feature_matrix, feature_vector
@@ -37,26 +39,48 @@ from oo_serving.store.sqlite import SQLiteStore
 T = TypeVar("T")
 
 
+class _LoopThread:
+    """One event loop on its own thread for the whole module.
+
+    A store is bound to the loop that opened it (a PostgreSQL pool's tasks live there), so
+    every call a test makes runs on this one loop.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=120)
+
+
+_loop: _LoopThread | None = None
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+    global _loop
+    if _loop is None:
+        _loop = _LoopThread()
+    return _loop.run(coro)
 
 
-def settings_for(backend: str, folder: Path, name: str = "s") -> Settings:
-    if backend == "sqlite":
-        return Settings(database_url=f"sqlite:///{folder}/{name}.db")
-    raise AssertionError(f"no settings for backend {backend!r}")
-
-
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
-def store(backend: str, tmp_path: Path) -> Iterator[Store]:
-    """An opened store on a fresh database, closed after the test."""
-    s = open_store(settings_for(backend, tmp_path))
+def store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Store]:
+    """An opened store on an empty database, closed after the test."""
+    if backend == "sqlite":
+        settings = Settings(database_url=f"sqlite:///{tmp_path}/s.db")
+    else:
+        settings = Settings(database_url=request.getfixturevalue("postgres_url"))
+    s = open_store(settings)
     run(s.open())
+    if backend == "postgres":
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            conn.execute("TRUNCATE user_model, decision")
     yield s
     run(s.close())
 

@@ -9,9 +9,9 @@ is written. This is the only way state changes, so no update can be lost or half
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -145,6 +145,61 @@ class Store(Protocol):
 
     async def history(self, user_id: str, limit: int) -> list[HistoryEntry]:
         """The user's last `limit` decisions, oldest first."""
+
+
+USER_COLUMNS = "policy, a_inv, b, pulls, reward_count, cumulative_reward, last_updated_ms"
+REF_COLUMNS = "seq, event_id, tip_id, x, reward"
+DECISION_COLUMNS = (
+    "user_id, seq, event_id, ts_ms, tip_id, features, x, score, policy, propensity,"
+    " model_version, candidate_ids, candidate_x, reward, rewarded_ms"
+)
+
+
+def user_from_row(user_id: str, row: Sequence[Any] | None) -> UserRecord | None:
+    """A UserRecord from the USER_COLUMNS of a row; None for no row or no model yet."""
+    if row is None or row[1] is None:
+        return None
+    d = len(row[2]) // 8
+    return UserRecord(
+        user_id=user_id,
+        policy=row[0],
+        A_inv=decode_array(row[1], (d, d)),
+        b=decode_array(row[2], (d,)),
+        pulls=row[3],
+        reward_count=row[4],
+        cumulative_reward=row[5],
+        last_updated_ms=row[6],
+    )
+
+
+def user_params(u: UserRecord) -> tuple[Any, ...]:
+    """user_id, then the USER_COLUMNS values, encoded for a database."""
+    return (
+        u.user_id, u.policy, encode_array(u.A_inv), encode_array(u.b), u.pulls,
+        u.reward_count, u.cumulative_reward, u.last_updated_ms,
+    )  # fmt: skip
+
+
+def ref_from_row(row: Sequence[Any] | None) -> DecisionRef | None:
+    """A DecisionRef from the REF_COLUMNS of a row."""
+    if row is None:
+        return None
+    x = decode_array(row[3], (len(row[3]) // 8,))
+    return DecisionRef(seq=row[0], event_id=row[1], tip_id=row[2], x=x, reward=row[4])
+
+
+def decision_from_row(
+    r: Sequence[Any], features: dict[str, Any], candidate_ids: Sequence[str]
+) -> DecisionRecord:
+    """A DecisionRecord from the DECISION_COLUMNS of a row, its JSON parts decoded."""
+    d = len(r[6]) // 8
+    ids = tuple(candidate_ids)
+    return DecisionRecord(
+        user_id=r[0], seq=r[1], event_id=r[2], ts_ms=r[3], tip_id=r[4], features=features,
+        x=decode_array(r[6], (d,)), score=r[7], policy=r[8], propensity=r[9],
+        model_version=r[10], candidate_ids=ids, candidate_X=decode_array(r[12], (len(ids), d)),
+        reward=r[13], rewarded_ms=r[14],
+    )  # fmt: skip
 
 
 def encode_array(a: Matrix | Vector) -> bytes:

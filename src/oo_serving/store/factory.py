@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from oo_serving.settings import Settings
 from oo_serving.store.base import Store
+from oo_serving.store.postgres import PostgresStore, is_postgres_url
 from oo_serving.store.sqlite import SQLiteStore, sqlite_path
 
 
@@ -16,4 +17,16 @@ def open_store(settings: Settings) -> Store:
             busy_timeout_ms=settings.sqlite_busy_timeout_ms,
             synchronous=settings.sqlite_synchronous,
         )
-    raise ValueError(f"unsupported database URL {url!r}: use sqlite:///path/to/file.db")
+    if is_postgres_url(url):
+        return PostgresStore(
+            url,
+            pool_min_size=settings.pg_pool_min_size,
+            pool_max_size=settings.pg_pool_max_size,
+            pool_timeout_s=settings.pg_pool_timeout_s,
+            connect_timeout_s=settings.pg_connect_timeout_s,
+            statement_timeout_ms=settings.pg_statement_timeout_ms,
+        )
+    raise ValueError(
+        f"unsupported database URL {url!r}: use sqlite:///path/to/file.db"
+        " or postgresql://user@host:port/dbname"
+    )

@@ -23,29 +23,33 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import orjson
 
 from oo_serving.errors import SchemaTooNew, StoreBusy, StoreUnavailable
 from oo_serving.store import migrations
 from oo_serving.store.base import (
+    DECISION_COLUMNS,
+    REF_COLUMNS,
+    USER_COLUMNS,
     DecisionLookup,
     DecisionRecord,
-    DecisionRef,
     HistoryEntry,
     RewardFn,
     RewardWrite,
     ScoreFn,
     ScoreWrite,
     UserRecord,
-    decode_array,
+    decision_from_row,
     encode_array,
+    ref_from_row,
+    user_from_row,
+    user_params,
 )
 
 T = TypeVar("T")
 
-_USER_COLUMNS = "policy, a_inv, b, pulls, reward_count, cumulative_reward, last_updated_ms"
 _UPSERT_USER = """
 INSERT INTO user_model (user_id, policy, a_inv, b, pulls, reward_count,
                         cumulative_reward, last_updated_ms)
@@ -61,7 +65,6 @@ INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score,
                       propensity, model_version, candidate_ids, candidate_x)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
-_REF_COLUMNS = "seq, event_id, tip_id, x, reward"
 
 SYNCHRONOUS_MODES = ("full", "normal", "extra")
 
@@ -167,12 +170,10 @@ class SQLiteStore:
 
         def query(conn: sqlite3.Connection) -> list[DecisionRecord]:
             rows = conn.execute(
-                "SELECT user_id, seq, event_id, ts_ms, tip_id, features, x, score, policy,"
-                " propensity, model_version, candidate_ids, candidate_x, reward, rewarded_ms"
-                " FROM decision WHERE user_id = ? ORDER BY seq",
+                f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = ? ORDER BY seq",
                 (user_id,),
             ).fetchall()
-            return [_decision(r) for r in rows]
+            return [decision_from_row(r, orjson.loads(r[5]), orjson.loads(r[11])) for r in rows]
 
         return await self._read(query)
 
@@ -209,20 +210,16 @@ class SQLiteStore:
     ) -> RewardWrite:
         if lookup.event_id is not None:
             row = conn.execute(
-                f"SELECT {_REF_COLUMNS} FROM decision WHERE user_id = ? AND event_id = ?",
+                f"SELECT {REF_COLUMNS} FROM decision WHERE user_id = ? AND event_id = ?",
                 (user_id, lookup.event_id),
             ).fetchone()
         else:
             row = conn.execute(
-                f"SELECT {_REF_COLUMNS} FROM decision WHERE user_id = ? AND tip_id = ?"
+                f"SELECT {REF_COLUMNS} FROM decision WHERE user_id = ? AND tip_id = ?"
                 " ORDER BY seq DESC LIMIT 1",
                 (user_id, lookup.tip_id),
             ).fetchone()
-        ref = None
-        if row is not None:
-            x = decode_array(row[3], (len(row[3]) // 8,))
-            ref = DecisionRef(seq=row[0], event_id=row[1], tip_id=row[2], x=x, reward=row[4])
-        write = fn(_load_user(conn, user_id), ref)
+        write = fn(_load_user(conn, user_id), ref_from_row(row))
         if write.user is not None:
             _put_user(conn, write.user)
         if write.reward_event is not None:
@@ -341,56 +338,10 @@ def _statements(script: str) -> list[str]:
 
 def _load_user(conn: sqlite3.Connection, user_id: str) -> UserRecord | None:
     row = conn.execute(
-        f"SELECT {_USER_COLUMNS} FROM user_model WHERE user_id = ?", (user_id,)
+        f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = ?", (user_id,)
     ).fetchone()
-    if row is None:
-        return None
-    d = len(row[2]) // 8
-    return UserRecord(
-        user_id=user_id,
-        policy=row[0],
-        A_inv=decode_array(row[1], (d, d)),
-        b=decode_array(row[2], (d,)),
-        pulls=row[3],
-        reward_count=row[4],
-        cumulative_reward=row[5],
-        last_updated_ms=row[6],
-    )
+    return user_from_row(user_id, row)
 
 
 def _put_user(conn: sqlite3.Connection, u: UserRecord) -> None:
-    conn.execute(
-        _UPSERT_USER,
-        (
-            u.user_id,
-            u.policy,
-            encode_array(u.A_inv),
-            encode_array(u.b),
-            u.pulls,
-            u.reward_count,
-            u.cumulative_reward,
-            u.last_updated_ms,
-        ),
-    )
-
-
-def _decision(r: Any) -> DecisionRecord:
-    d = len(r[6]) // 8
-    ids = tuple(orjson.loads(r[11]))
-    return DecisionRecord(
-        user_id=r[0],
-        seq=r[1],
-        event_id=r[2],
-        ts_ms=r[3],
-        tip_id=r[4],
-        features=orjson.loads(r[5]),
-        x=decode_array(r[6], (d,)),
-        score=r[7],
-        policy=r[8],
-        propensity=r[9],
-        model_version=r[10],
-        candidate_ids=ids,
-        candidate_X=decode_array(r[12], (len(ids), d)),
-        reward=r[13],
-        rewarded_ms=r[14],
-    )
+    conn.execute(_UPSERT_USER, user_params(u))

@@ -1,0 +1,340 @@
+"""PostgreSQL: one database shared by any number of `oo-serving` replicas.
+
+Round trips. Each write is two round trips, using psycopg's pipeline mode:
+
+    1. BEGIN; make sure the user's row exists; SELECT it FOR UPDATE (and, for a reward,
+       its decision)                                              -- one round trip
+       ... the service's pure function runs here, the row locked ...
+    2. UPDATE the row; INSERT/UPDATE/DELETE decisions; COMMIT     -- one round trip
+
+Atomicity across replicas. The row lock serialises every read-modify-write of one user,
+across connections and replicas; the lock is held from step 1 to COMMIT. A user's first
+request inserts a row with no model (`a_inv` NULL) before locking it, so two first
+requests for a new user serialise too. Other users never wait.
+
+Failures. A connection that breaks in step 1 has committed nothing, so the transaction
+is retried once on a fresh connection. Any other database failure, a pool that cannot
+hand out a connection within `pool_timeout_s`, or a statement or lock wait past
+`statement_timeout_ms` answers 503 (StoreUnavailable / StoreBusy) with nothing written
+(a break during step 2 may or may not have committed: a retried reward with its
+event_id is then acknowledged without being learned twice). The pool replaces broken
+connections by itself, so the service recovers when the database returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg.errors
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
+
+from oo_serving.errors import SchemaTooNew, StoreBusy, StoreUnavailable
+from oo_serving.store import migrations
+from oo_serving.store.base import (
+    DECISION_COLUMNS,
+    REF_COLUMNS,
+    USER_COLUMNS,
+    DecisionLookup,
+    DecisionRecord,
+    HistoryEntry,
+    RewardFn,
+    RewardWrite,
+    ScoreFn,
+    ScoreWrite,
+    UserRecord,
+    decision_from_row,
+    encode_array,
+    ref_from_row,
+    user_from_row,
+    user_params,
+)
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[Any]
+
+_ENSURE_USER = "INSERT INTO user_model (user_id) VALUES (%s) ON CONFLICT (user_id) DO NOTHING"
+_LOCK_USER = f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = %s FOR UPDATE"
+_UPDATE_USER = """
+UPDATE user_model SET policy = %s, a_inv = %s, b = %s, pulls = %s, reward_count = %s,
+    cumulative_reward = %s, last_updated_ms = %s
+WHERE user_id = %s
+"""
+_INSERT_DECISION = """
+INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score, policy,
+                      propensity, model_version, candidate_ids, candidate_x)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+"""
+_REF_BY_EVENT = f"SELECT {REF_COLUMNS} FROM decision WHERE user_id = %s AND event_id = %s"
+_REF_BY_TIP = (
+    f"SELECT {REF_COLUMNS} FROM decision WHERE user_id = %s AND tip_id = %s"
+    " ORDER BY seq DESC LIMIT 1"
+)
+_MIGRATION_LOCK = 0x6F6F_5345  # pg_advisory_xact_lock key: one migrator at a time
+_SCHEMA_TABLE = """
+CREATE TABLE IF NOT EXISTS oo_schema_version (
+    version    integer     NOT NULL PRIMARY KEY,
+    name       text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+def is_postgres_url(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+class _RetrySafe(Exception):
+    """The connection broke before anything could be committed."""
+
+
+class PostgresStore:
+    """The Store protocol on PostgreSQL, through a pool of async psycopg connections."""
+
+    backend = "postgres"
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        pool_min_size: int = 1,
+        pool_max_size: int = 10,
+        pool_timeout_s: float = 2.0,
+        connect_timeout_s: int = 2,
+        statement_timeout_ms: int = 5000,
+    ) -> None:
+        self.dsn = dsn
+        self._pool = AsyncConnectionPool(
+            conninfo=dsn,
+            min_size=pool_min_size,
+            max_size=pool_max_size,
+            timeout=pool_timeout_s,
+            open=False,
+            name="oo-serving",
+            kwargs={
+                # Transactions are explicit BEGIN ... COMMIT inside pipelines; a read
+                # outside them is one statement, committed at once.
+                "autocommit": True,
+                "connect_timeout": connect_timeout_s,
+                "options": f"-c statement_timeout={int(statement_timeout_ms)}"
+                f" -c lock_timeout={int(statement_timeout_ms)}",
+            },
+        )
+
+    # ── lifecycle ────────────────────────────────────────────────────────────
+    async def open(self) -> None:
+        try:
+            await self._pool.open(wait=True, timeout=max(self._pool.timeout, 5.0))
+        except PoolTimeout as exc:
+            await self._pool.close()
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        await self.migrate()
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def ping(self) -> None:
+        async def query(conn: Conn) -> None:
+            await conn.execute("SELECT 1")
+
+        await self._run(query)
+
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations; [] when current. Raises SchemaTooNew.
+
+        Replicas may run it at once: an advisory lock lets one migrate at a time.
+        """
+        known = migrations.load("postgres")
+        latest = known[-1].version if known else 0
+
+        async def apply(conn: Conn) -> list[int]:
+            applied: list[int] = []
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+                await conn.execute(_SCHEMA_TABLE)
+                cur = await conn.execute("SELECT coalesce(max(version), 0) FROM oo_schema_version")
+                row = await cur.fetchone()
+                current = int(row[0]) if row else 0
+                if current > latest:
+                    raise SchemaTooNew(
+                        f"the database has schema version {current}, newer than {latest},"
+                        " the newest this release knows; upgrade oo-serving"
+                    )
+                for migration in known[current:]:
+                    await conn.execute(migration.sql.encode())
+                    await conn.execute(
+                        "INSERT INTO oo_schema_version (version, name) VALUES (%s, %s)",
+                        (migration.version, migration.name),
+                    )
+                    applied.append(migration.version)
+            return applied
+
+        return await self._run(apply)
+
+    # ── transactions ─────────────────────────────────────────────────────────
+    async def score_tx(self, user_id: str, fn: ScoreFn) -> ScoreWrite:
+        async def body(conn: Conn) -> ScoreWrite:
+            async with _first_round_trip(conn):
+                async with conn.pipeline() as p:
+                    await conn.execute("BEGIN")
+                    await conn.execute(_ENSURE_USER, (user_id,))
+                    user_cur = await conn.execute(_LOCK_USER, (user_id,))
+                    await p.sync()
+                user_row = await user_cur.fetchone()
+            write = fn(user_from_row(user_id, user_row))
+            d = write.decision
+            async with conn.pipeline():
+                await conn.execute(_UPDATE_USER, _update_params(write.user))
+                await conn.execute(
+                    _INSERT_DECISION,
+                    (d.user_id, d.seq, d.event_id, d.ts_ms, d.tip_id, Jsonb(d.features),
+                     encode_array(d.x), d.score, d.policy, d.propensity, d.model_version,
+                     list(d.candidate_ids), encode_array(d.candidate_X)),
+                )  # fmt: skip
+                await conn.execute(
+                    "DELETE FROM decision WHERE user_id = %s AND seq < %s",
+                    (user_id, write.keep_from_seq),
+                )
+                await conn.execute("COMMIT")
+            return write
+
+        return await self._run_tx(body)
+
+    async def reward_tx(self, user_id: str, lookup: DecisionLookup, fn: RewardFn) -> RewardWrite:
+        async def body(conn: Conn) -> RewardWrite:
+            async with _first_round_trip(conn):
+                async with conn.pipeline() as p:
+                    await conn.execute("BEGIN")
+                    await conn.execute(_ENSURE_USER, (user_id,))
+                    user_cur = await conn.execute(_LOCK_USER, (user_id,))
+                    if lookup.event_id is not None:
+                        ref_cur = await conn.execute(_REF_BY_EVENT, (user_id, lookup.event_id))
+                    else:
+                        ref_cur = await conn.execute(_REF_BY_TIP, (user_id, lookup.tip_id))
+                    await p.sync()
+                user_row = await user_cur.fetchone()
+                ref_row = await ref_cur.fetchone()
+            write = fn(user_from_row(user_id, user_row), ref_from_row(ref_row))
+            if write.user is None and write.reward_event is None:
+                await conn.execute("ROLLBACK")  # nothing to write, not even the row made above
+                return write
+            async with conn.pipeline():
+                if write.user is not None:
+                    await conn.execute(_UPDATE_USER, _update_params(write.user))
+                if write.reward_event is not None:
+                    await conn.execute(
+                        "UPDATE decision SET reward = %s, rewarded_ms = %s"
+                        " WHERE user_id = %s AND event_id = %s AND reward IS NULL",
+                        (write.reward, write.ts_ms, user_id, write.reward_event),
+                    )
+                await conn.execute("COMMIT")
+            return write
+
+        return await self._run_tx(body)
+
+    async def delete_user(self, user_id: str) -> bool:
+        async def body(conn: Conn) -> bool:
+            async with conn.pipeline():
+                await conn.execute("BEGIN")
+                models = await conn.execute("DELETE FROM user_model WHERE user_id = %s", (user_id,))
+                decisions = await conn.execute(
+                    "DELETE FROM decision WHERE user_id = %s", (user_id,)
+                )
+                await conn.execute("COMMIT")
+            return bool(models.rowcount or decisions.rowcount)
+
+        return await self._run_tx(body)
+
+    # ── reads ────────────────────────────────────────────────────────────────
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        async def query(conn: Conn) -> UserRecord | None:
+            cur = await conn.execute(
+                f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = %s", (user_id,)
+            )
+            return user_from_row(user_id, await cur.fetchone())
+
+        return await self._run(query)
+
+    async def history(self, user_id: str, limit: int) -> list[HistoryEntry]:
+        async def query(conn: Conn) -> list[HistoryEntry]:
+            cur = await conn.execute(
+                "SELECT ts_ms, features, score, tip_id, event_id FROM decision"
+                " WHERE user_id = %s ORDER BY seq DESC LIMIT %s",
+                (user_id, limit),
+            )
+            rows = await cur.fetchall()
+            return [
+                HistoryEntry(ts_ms=r[0], features=r[1], score=r[2], tip_id=r[3], event_id=r[4])
+                for r in reversed(rows)
+            ]
+
+        return await self._run(query)
+
+    async def decisions(self, user_id: str) -> list[DecisionRecord]:
+        """Every retained decision of a user, oldest first, with its candidates."""
+
+        async def query(conn: Conn) -> list[DecisionRecord]:
+            cur = await conn.execute(
+                f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = %s ORDER BY seq",
+                (user_id,),
+            )
+            return [decision_from_row(r, r[5], r[11]) for r in await cur.fetchall()]
+
+        return await self._run(query)
+
+    # ── plumbing ─────────────────────────────────────────────────────────────
+    async def _run(self, body: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run body on a pooled connection; database failures become service errors."""
+        try:
+            async with self._pool.connection() as conn:
+                return await body(conn)
+        except PoolTimeout as exc:
+            raise StoreUnavailable("no database connection could be had in time") from exc
+        except PoolClosed as exc:
+            raise StoreUnavailable("the store is closed") from exc
+        except _RetrySafe as exc:
+            raise StoreUnavailable(f"the database connection broke: {exc}") from exc
+        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+            raise StoreBusy(f"the database did not answer in time: {exc}") from exc
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"the database failed: {exc}") from exc
+
+    async def _run_tx(self, body: Callable[[Conn], Awaitable[T]]) -> T:
+        """As _run, rolling back on any error, and retrying once a break before writing."""
+
+        async def guarded(conn: Conn) -> T:
+            try:
+                return await body(conn)
+            except BaseException:
+                if not conn.broken and conn.info.transaction_status != _IDLE:
+                    await conn.execute("ROLLBACK")
+                raise
+
+        try:
+            return await self._run(guarded)
+        except StoreUnavailable as exc:
+            if not isinstance(exc.__cause__, _RetrySafe):
+                raise
+        return await self._run(guarded)
+
+
+_IDLE = psycopg.pq.TransactionStatus.IDLE
+
+
+@asynccontextmanager
+async def _first_round_trip(conn: Conn) -> AsyncIterator[None]:
+    """A broken connection here has committed nothing: mark the failure safe to retry."""
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        if conn.broken:
+            raise _RetrySafe(str(exc)) from exc
+        raise
+
+
+def _update_params(u: UserRecord) -> tuple[Any, ...]:
+    user_id, *columns = user_params(u)
+    return (*columns, user_id)

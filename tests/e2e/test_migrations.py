@@ -1,0 +1,88 @@
+"""`oo-serving migrate` and start-up schema checks, on both backends, as an operator runs them."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from oo_serving.store import migrations
+
+pytestmark = pytest.mark.slow
+
+
+def oo_serving(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "oo_serving", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/m.db"
+    return str(request.getfixturevalue("fresh_postgres_url"))
+
+
+def schema_version(url: str) -> int:
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT max(version) FROM oo_schema_version").fetchone()
+        return int(row[0]) if row else 0
+
+
+def set_schema_version(url: str, version: int) -> None:
+    if url.startswith("sqlite:///"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            conn.execute(f"PRAGMA user_version = {version}")
+        return
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO oo_schema_version (version, name) VALUES (%s, 'from-the-future')",
+            (version,),
+        )
+
+
+def test_migrate_creates_the_schema_and_rerunning_is_a_no_op(database_url: str) -> None:
+    backend = "sqlite" if database_url.startswith("sqlite") else "postgres"
+    latest = len(migrations.load(backend))
+    first = oo_serving("migrate", "--database", database_url)
+    assert first.returncode == 0, first.stderr
+    assert schema_version(database_url) == latest
+    second = oo_serving("migrate", "--database", database_url)
+    assert second.returncode == 0, second.stderr
+    assert "current" in second.stdout
+    assert schema_version(database_url) == latest
+
+
+def test_a_newer_schema_is_refused_by_migrate_and_serve(database_url: str) -> None:
+    assert oo_serving("migrate", "--database", database_url).returncode == 0
+    backend = "sqlite" if database_url.startswith("sqlite") else "postgres"
+    newer = len(migrations.load(backend)) + 1
+    set_schema_version(database_url, newer)
+
+    for command in (["migrate"], ["serve", "--port", "0"]):
+        result = oo_serving(*command, "--database", database_url)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert f"schema version {newer}" in result.stderr
+        assert "upgrade oo-serving" in result.stderr
+    assert schema_version(database_url) == newer  # left as it was
+
+
+def test_serve_refuses_an_unreachable_database_with_a_clear_message(tmp_path: Path) -> None:
+    # Port 9 (discard) on loopback: nothing listens there.
+    result = oo_serving(
+        "serve", "--port", "0", "--database", "postgresql://postgres@127.0.0.1:9/none"
+    )
+    assert result.returncode == 2
+    assert "PostgreSQL" in result.stderr
