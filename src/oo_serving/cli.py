@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Annotated, Any
+import time
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
 
 import typer
 import uvicorn
@@ -16,6 +18,8 @@ from pydantic import ValidationError
 from oo_serving.errors import SchemaError, StoreUnavailable
 from oo_serving.settings import Settings
 from oo_serving.store import open_store
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="oo-serving",
@@ -53,9 +57,10 @@ async def _migrate(settings: Settings) -> None:
     await store.close()
 
 
-def _migrate_or_exit(settings: Settings) -> None:
+def _run_or_exit(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work`; a database that cannot be used ends the command with a message, exit 2."""
     try:
-        asyncio.run(_migrate(settings))
+        return asyncio.run(work)
     except (SchemaError, StoreUnavailable, ValueError) as exc:
         typer.echo(f"oo-serving: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -76,7 +81,7 @@ def serve(
 ) -> None:
     """Serve the HTTP API."""
     settings = _settings(host=host, port=port, workers=workers, database_url=database)
-    _migrate_or_exit(settings)
+    _run_or_exit(_migrate(settings))
     _export(settings)
     uvicorn.run(
         "oo_serving.api.app:create_app_from_env",
@@ -95,8 +100,41 @@ def serve(
 def migrate(database: DatabaseOption = None) -> None:
     """Create or upgrade the database schema; a no-op when it is current."""
     settings = _settings(database_url=database)
-    _migrate_or_exit(settings)
+    _run_or_exit(_migrate(settings))
     typer.echo(f"oo-serving: schema of {settings.database_url} is current")
+
+
+async def _prune(settings: Settings, older_than_ms: int, batch_size: int) -> int:
+    store = open_store(settings)
+    await store.open()
+    try:
+        total = 0
+        while deleted := await store.prune_decisions(older_than_ms, batch_size):
+            total += deleted
+        return total
+    finally:
+        await store.close()
+
+
+@app.command()
+def prune(
+    older_than_days: Annotated[
+        float, typer.Option(min=0, help="Delete decisions logged more than this many days ago.")
+    ],
+    database: DatabaseOption = None,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Decisions deleted per transaction.")
+    ] = 10_000,
+) -> None:
+    """Delete old decisions from the log, in short transactions; safe while serving.
+
+    Rewards for pruned decisions answer 404 when sent with their event_id, and /features
+    of a user idle for longer than the window comes back shorter.
+    """
+    settings = _settings(database_url=database)
+    cutoff_ms = time.time_ns() // 1_000_000 - int(older_than_days * 86_400_000)
+    deleted = _run_or_exit(_prune(settings, cutoff_ms, batch_size))
+    typer.echo(f"oo-serving: deleted {deleted} decisions older than {older_than_days} days")
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
-"""A TCP proxy in front of PostgreSQL that a test can cut and restore: a real outage.
+"""A TCP proxy in front of PostgreSQL that a test can cut, freeze and restore.
 
-While cut, every open connection is closed and new ones are closed as soon as they are
-accepted, as when the database host goes away. Loopback only.
+Cut: every open connection is closed and new ones are closed as soon as they are
+accepted, as when the database host goes away. Frozen: connections stay open but no byte
+moves either way, as in a network partition, where no error ever arrives. Loopback only.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ class CuttableProxy:
         self._open: set[socket.socket] = set()
         self._cut = False
         self._closed = False
+        self._flowing = threading.Event()
+        self._flowing.set()
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
     def cut(self) -> None:
@@ -29,12 +32,17 @@ class CuttableProxy:
         for s in sockets:
             _close(s)
 
+    def freeze(self) -> None:
+        self._flowing.clear()
+
     def restore(self) -> None:
         with self._lock:
             self._cut = False
+        self._flowing.set()
 
     def close(self) -> None:
         self._closed = True
+        self._flowing.set()
         self.cut()
         _close(self._listener)
 
@@ -63,6 +71,7 @@ class CuttableProxy:
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
+                self._flowing.wait()
                 sink.sendall(data)
         except OSError:
             pass

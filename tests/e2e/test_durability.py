@@ -1,11 +1,20 @@
-"""`kill -9` of the whole server under load: nothing acknowledged is lost, nothing is torn."""
+"""`kill -9` of every server under load: nothing acknowledged is lost, nothing is torn.
+
+On SQLite: one server with two workers. On PostgreSQL: two replicas on one database,
+and the database itself restarted while they are down.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
 import time
+from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 import pytest
 
 from tests.conftest import Server
@@ -17,19 +26,16 @@ KILL_AFTER_ACKS = 400
 MAX_SECONDS = 60.0
 
 
-async def _load_until_killed(server: Server) -> tuple[dict[str, int], dict[str, list[str]]]:
-    """Score then reward in loops for every user; kill -9 the server mid-load.
-
-    Returns, per user, the rewards acknowledged and the event_ids acknowledged by /reward.
-    """
-    acked_rewards = dict.fromkeys(USERS, 0)
-    acked_events: dict[str, list[str]] = {u: [] for u in USERS}
-    total_acks = 0
+async def _load_until_killed(servers: list[Server]) -> dict[str, list[str]]:
+    """Score then reward in loops for every user, over every server; kill -9 them all
+    mid-load. Returns, per user, the event_ids whose reward was acknowledged."""
+    acked: dict[str, list[str]] = {u: [] for u in USERS}
+    total = 0
     stop = asyncio.Event()
     deadline = time.monotonic() + MAX_SECONDS
 
     async def worker(client: httpx.AsyncClient, user: str) -> None:
-        nonlocal total_acks
+        nonlocal total
         while not stop.is_set() and time.monotonic() < deadline:
             try:
                 scored = await client.post(
@@ -58,52 +64,89 @@ async def _load_until_killed(server: Server) -> tuple[dict[str, int], dict[str, 
             except httpx.TransportError:
                 continue  # the server is gone: this request was never acknowledged
             if rewarded.status_code == 200:
-                acked_rewards[user] += 1
-                acked_events[user].append(decision["event_id"])
-                total_acks += 1
-                if total_acks >= KILL_AFTER_ACKS and not stop.is_set():
-                    server.kill9()  # mid-load: other workers' requests are in flight
+                acked[user].append(decision["event_id"])
+                total += 1
+                if total >= KILL_AFTER_ACKS and not stop.is_set():
+                    for server in servers:  # mid-load: other requests are in flight
+                        server.kill9()
                     stop.set()
 
-    async with httpx.AsyncClient(base_url=server.base_url, timeout=10.0) as client:
-        await asyncio.gather(*(worker(client, u) for u in USERS for _ in range(4)))
-    assert stop.is_set(), "the load ended before the server was killed"
-    return acked_rewards, acked_events
+    clients = [httpx.AsyncClient(base_url=s.base_url, timeout=10.0) for s in servers]
+    try:
+        await asyncio.gather(
+            *(worker(clients[i % len(clients)], u) for u in USERS for i in range(4))
+        )
+    finally:
+        for c in clients:
+            await c.aclose()
+    assert stop.is_set(), "the load ended before the servers were killed"
+    return acked
 
 
-def test_kill9_under_load_loses_no_acknowledged_reward(server_factory, tmp_path) -> None:
-    db_path = tmp_path / "durable.db"
-    server: Server = server_factory(workers=2, db_path=db_path)
-    acked_rewards, acked_events = asyncio.run(_load_until_killed(server))
-
-    restarted: Server = server_factory(workers=1, db_path=db_path)
-    with restarted.client() as client:
+def _check_every_acknowledged_reward(server: Server, acked: dict[str, list[str]]) -> None:
+    with server.client() as client:
         for user in USERS:
             stats = client.get(f"/stats/{user}")
             assert stats.status_code == 200, stats.text
             body = stats.json()
             # In-flight rewards may have committed without their answer arriving: >=.
-            assert body["reward_count"] >= acked_rewards[user], (user, body)
+            assert body["reward_count"] >= len(acked[user]), (user, body)
             assert body["pulls"] >= body["reward_count"]
-            assert client.get(f"/features/{user}").status_code == 200
+            history = client.get(f"/features/{user}").json()["history"]
+            tips = {h["event_id"]: h["tip_id"] for h in history}
             # Every acknowledged event is stored as rewarded: a repeat is not learned again.
-            for event_id in acked_events[user][-5:]:
+            for event_id in acked[user][-20:]:
                 again = client.post(
                     "/reward",
-                    json={
-                        "user_id": user,
-                        "tip_id": _tip_of(client, user, event_id),
-                        "reward": 1.0,
-                        "features": {},
-                        "event_id": event_id,
-                    },
-                )
+                    json={"user_id": user, "tip_id": tips[event_id], "reward": 1.0,
+                          "features": {}, "event_id": event_id},
+                )  # fmt: skip
                 assert again.status_code == 200, again.text
                 assert again.json()["learned"] is False
             # The user is still writable after the crash.
             assert client.post(f"/reset/{user}").status_code == 200
 
 
-def _tip_of(client: httpx.Client, user: str, event_id: str) -> str:
-    history = client.get(f"/features/{user}").json()["history"]
-    return next(h["tip_id"] for h in history if h["event_id"] == event_id)
+def test_kill9_under_load_loses_no_acknowledged_reward_on_sqlite(server_factory, tmp_path) -> None:
+    db_path = tmp_path / "durable.db"
+    acked = asyncio.run(_load_until_killed([server_factory(workers=2, db_path=db_path)]))
+    _check_every_acknowledged_reward(server_factory(db_path=db_path), acked)
+
+
+def _restart_local_postgres(url: str) -> None:
+    """Restart the PostgreSQL cluster behind `url`, when it is this machine's own."""
+    parts = urlsplit(url)
+    clusters = "/etc/postgresql"
+    can = (
+        parts.hostname in ("127.0.0.1", "localhost")
+        and shutil.which("pg_ctlcluster")
+        and os.path.isdir(clusters)
+        and os.geteuid() == 0
+    )
+    if not can:
+        if os.environ.get("CI") == "true":
+            pytest.fail("on CI the PostgreSQL restart must run: no local cluster to restart")
+        pytest.skip("PostgreSQL is not a local cluster this test can restart")
+    version = sorted(os.listdir(clusters))[-1]
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
+        check=True,
+        timeout=120,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            psycopg.connect(url, connect_timeout=2).close()
+            return
+        except psycopg.OperationalError:
+            time.sleep(0.5)
+    raise AssertionError("PostgreSQL did not come back after its restart")
+
+
+def test_kill9_of_two_replicas_and_a_database_restart_lose_nothing(
+    server_factory, fresh_postgres_url: str
+) -> None:
+    replicas = [server_factory(database_url=fresh_postgres_url) for _ in range(2)]
+    acked = asyncio.run(_load_until_killed(replicas))
+    _restart_local_postgres(fresh_postgres_url)
+    _check_every_acknowledged_reward(server_factory(database_url=fresh_postgres_url), acked)

@@ -86,3 +86,20 @@ def test_serve_refuses_an_unreachable_database_with_a_clear_message(tmp_path: Pa
     )
     assert result.returncode == 2
     assert "PostgreSQL" in result.stderr
+
+
+def test_prune_command_deletes_old_decisions(server_factory, database_url: str) -> None:
+    server = server_factory(database_url=database_url)
+    body = {"user_id": "pruned", "candidates": [{"id": "a", "content": "a", "source": "s"}]}
+    with server.client() as client:
+        for _ in range(3):
+            assert client.post("/score", json=body).status_code == 200
+        kept = oo_serving("prune", "--older-than-days", "1", "--database", database_url)
+        assert kept.returncode == 0, kept.stderr
+        assert "deleted 0 decisions" in kept.stdout
+        assert len(client.get("/features/pruned").json()["history"]) == 3
+        gone = oo_serving("prune", "--older-than-days", "0", "--database", database_url)
+        assert gone.returncode == 0, gone.stderr
+        assert "deleted 3 decisions" in gone.stdout
+        assert client.get("/features/pruned").json()["history"] == []
+        assert client.get("/stats/pruned").json()["pulls"] == 3  # the model stays

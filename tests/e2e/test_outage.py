@@ -112,3 +112,21 @@ def test_terminated_backends_are_replaced_without_a_restart(
     assert set(statuses) <= {200, 503}
     assert statuses[-10:] == [200] * 10  # recovered by itself
     assert stats["reward_count"] == acked
+
+
+def test_a_silent_network_answers_503_within_the_deadline_not_a_hang(
+    server_factory, postgres_url: str, proxy: CuttableProxy, user_id: str
+) -> None:
+    # Deadline for one database call: pool wait 1 s + two statements of 1 s + 1 s = 4 s.
+    server: Server = server_factory(
+        database_url=_through(postgres_url, proxy),
+        env={"OO_PG_POOL_TIMEOUT_S": "1", "OO_PG_STATEMENT_TIMEOUT_MS": "1000"},
+    )
+    with server.client(timeout=30.0) as client:
+        assert _reward(client, user_id).status_code == 200
+        proxy.freeze()
+        frozen = _reward(client, user_id)
+        assert client.get("/health").status_code == 200
+        proxy.restore()
+        assert frozen.status_code == 503, frozen.text
+        _until_recovered(client, user_id)

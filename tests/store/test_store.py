@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import sqlite3
 import threading
+import uuid
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -878,3 +879,44 @@ def test_concurrent_scores_and_rewards_interleave_without_loss(store: Store) -> 
     assert user is not None
     assert (user.pulls, user.reward_count, user.cumulative_reward) == (30, 30, 15.0)
     assert len(event_ids_of(store, "u1")) == 30
+
+
+# ── retention ────────────────────────────────────────────────────────────────
+
+
+def test_prune_decisions_deletes_only_older_ones_in_batches(store: Store) -> None:
+    for seq in range(1, 8):
+        log_decision(store, "u1", seq, f"old-{seq}")
+    for seq in range(1, 4):
+        log_decision(store, "u2", seq, f"u2-{seq}")
+    # make_decision stamps decision seq at ts_ms = 1_000 + seq: 7 are before 1_005.
+    assert run(store.prune_decisions(1_005, 3)) == 3
+    assert run(store.prune_decisions(1_005, 3)) == 3
+    assert run(store.prune_decisions(1_005, 3)) == 1
+    assert run(store.prune_decisions(1_005, 3)) == 0
+    assert event_ids_of(store, "u1") == ["old-5", "old-6", "old-7"]
+    assert event_ids_of(store, "u2") == []
+    assert run(store.get_user("u1")) is not None  # models are never pruned
+
+
+def test_postgres_keeps_no_per_user_state_after_a_burst(postgres_url: str) -> None:
+    """The in-process queue per user (PostgreSQL's) empties: memory does not grow with users."""
+    store = open_store(Settings(database_url=postgres_url))
+    run(store.open())
+    service = Service(store)
+    candidates = [Candidate(id="a", features=TaskFeatures(9, False, 0.0, 1))]
+    users = [f"burst-{uuid.uuid4().hex[:8]}-{i}" for i in range(7)]
+
+    async def burst() -> None:
+        await asyncio.gather(
+            *(service.score(users[i % 7], candidates) for i in range(70)),
+            *(service.reward(users[i % 7], "a", 1.0, candidates[0].features) for i in range(70)),
+        )
+
+    try:
+        run(burst())
+        assert [run(store.get_user(u)).pulls for u in users] == [10] * 7  # type: ignore[union-attr]
+        assert [run(store.get_user(u)).reward_count for u in users] == [10] * 7  # type: ignore[union-attr]
+        assert store._turns == {}  # type: ignore[attr-defined]
+    finally:
+        run(store.close())

@@ -10,9 +10,7 @@ from pydantic import AfterValidator
 from starlette.convertors import Convertor, register_url_convertor
 
 from oo_serving.api.schemas import (
-    USER_ID_DESCRIPTION,
-    USER_ID_MAX_LENGTH,
-    USER_ID_PATTERN,
+    USER_ID_CONSTRAINTS,
     CandidateFeatures,
     ErrorResponse,
     FeaturesResponse,
@@ -69,17 +67,7 @@ class _WholeSegmentConvertor(Convertor[str]):
 
 register_url_convertor("whole", _WholeSegmentConvertor())
 
-PathUserId = Annotated[
-    str,
-    Path(
-        min_length=1,
-        max_length=USER_ID_MAX_LENGTH,
-        pattern=USER_ID_PATTERN,
-        description=USER_ID_DESCRIPTION,
-        examples=["user-42"],
-    ),
-    AfterValidator(refuse_dot_segments),
-]
+PathUserId = Annotated[str, Path(**USER_ID_CONSTRAINTS), AfterValidator(refuse_dot_segments)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "A field is invalid; `loc` names it."},

@@ -29,17 +29,15 @@ def refuse_dot_segments(user_id: str) -> str:
     return user_id
 
 
-UserId = Annotated[
-    str,
-    Field(
-        min_length=1,
-        max_length=USER_ID_MAX_LENGTH,
-        pattern=USER_ID_PATTERN,
-        description=USER_ID_DESCRIPTION,
-        examples=["user-42"],
-    ),
-    AfterValidator(refuse_dot_segments),
-]
+# The same constraints for a user_id in a body (Field) and in a path (fastapi.Path).
+USER_ID_CONSTRAINTS: dict[str, Any] = {
+    "min_length": 1,
+    "max_length": USER_ID_MAX_LENGTH,
+    "pattern": USER_ID_PATTERN,
+    "description": USER_ID_DESCRIPTION,
+    "examples": ["user-42"],
+}
+UserId = Annotated[str, Field(**USER_ID_CONSTRAINTS), AfterValidator(refuse_dot_segments)]
 TipId = Annotated[
     str,
     Field(

@@ -146,6 +146,12 @@ class Store(Protocol):
     async def history(self, user_id: str, limit: int) -> list[HistoryEntry]:
         """The user's last `limit` decisions, oldest first."""
 
+    async def prune_decisions(self, older_than_ms: int, batch_size: int) -> int:
+        """Delete up to batch_size decisions logged before older_than_ms; how many.
+
+        One short transaction: call it until it returns 0 to prune everything.
+        """
+
 
 USER_COLUMNS = "policy, a_inv, b, pulls, reward_count, cumulative_reward, last_updated_ms"
 REF_COLUMNS = "seq, event_id, tip_id, x, reward"

@@ -23,6 +23,7 @@ connections by itself, so the service recovers when the database returns.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -55,6 +56,7 @@ from oo_serving.store.base import (
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
+Row = tuple[Any, ...]
 
 _ENSURE_USER = "INSERT INTO user_model (user_id) VALUES (%s) ON CONFLICT (user_id) DO NOTHING"
 _LOCK_USER = f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = %s FOR UPDATE"
@@ -107,6 +109,10 @@ class PostgresStore:
         statement_timeout_ms: int = 5000,
     ) -> None:
         self.dsn = dsn
+        # A bound on one whole database call, should the network hang where no server
+        # time-out can act: the wait for a connection plus two statements, and a margin.
+        self._deadline_s = pool_timeout_s + 2 * statement_timeout_ms / 1000 + 1.0
+        self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
         self._pool = AsyncConnectionPool(
             conninfo=dsn,
             min_size=pool_min_size,
@@ -119,6 +125,12 @@ class PostgresStore:
                 # outside them is one statement, committed at once.
                 "autocommit": True,
                 "connect_timeout": connect_timeout_s,
+                # Notice a dead peer on an idle or a busy connection within seconds.
+                "keepalives": 1,
+                "keepalives_idle": 5,
+                "keepalives_interval": 2,
+                "keepalives_count": 3,
+                "tcp_user_timeout": int(statement_timeout_ms) + 5000,
                 "options": f"-c statement_timeout={int(statement_timeout_ms)}"
                 f" -c lock_timeout={int(statement_timeout_ms)}",
             },
@@ -177,13 +189,7 @@ class PostgresStore:
     # ── transactions ─────────────────────────────────────────────────────────
     async def score_tx(self, user_id: str, fn: ScoreFn) -> ScoreWrite:
         async def body(conn: Conn) -> ScoreWrite:
-            async with _first_round_trip(conn):
-                async with conn.pipeline() as p:
-                    await conn.execute("BEGIN")
-                    await conn.execute(_ENSURE_USER, (user_id,))
-                    user_cur = await conn.execute(_LOCK_USER, (user_id,))
-                    await p.sync()
-                user_row = await user_cur.fetchone()
+            user_row, _ = await _begin_and_lock(conn, user_id)
             write = fn(user_from_row(user_id, user_row))
             d = write.decision
             async with conn.pipeline():
@@ -201,22 +207,17 @@ class PostgresStore:
                 await conn.execute("COMMIT")
             return write
 
-        return await self._run_tx(body)
+        async with self._user_turn(user_id):
+            return await self._run_tx(body)
 
     async def reward_tx(self, user_id: str, lookup: DecisionLookup, fn: RewardFn) -> RewardWrite:
+        if lookup.event_id is not None:
+            find_ref = (_REF_BY_EVENT, (user_id, lookup.event_id))
+        else:
+            find_ref = (_REF_BY_TIP, (user_id, lookup.tip_id))
+
         async def body(conn: Conn) -> RewardWrite:
-            async with _first_round_trip(conn):
-                async with conn.pipeline() as p:
-                    await conn.execute("BEGIN")
-                    await conn.execute(_ENSURE_USER, (user_id,))
-                    user_cur = await conn.execute(_LOCK_USER, (user_id,))
-                    if lookup.event_id is not None:
-                        ref_cur = await conn.execute(_REF_BY_EVENT, (user_id, lookup.event_id))
-                    else:
-                        ref_cur = await conn.execute(_REF_BY_TIP, (user_id, lookup.tip_id))
-                    await p.sync()
-                user_row = await user_cur.fetchone()
-                ref_row = await ref_cur.fetchone()
+            user_row, ref_row = await _begin_and_lock(conn, user_id, find_ref)
             write = fn(user_from_row(user_id, user_row), ref_from_row(ref_row))
             if write.user is None and write.reward_event is None:
                 await conn.execute("ROLLBACK")  # nothing to write, not even the row made above
@@ -233,7 +234,8 @@ class PostgresStore:
                 await conn.execute("COMMIT")
             return write
 
-        return await self._run_tx(body)
+        async with self._user_turn(user_id):
+            return await self._run_tx(body)
 
     async def delete_user(self, user_id: str) -> bool:
         async def body(conn: Conn) -> bool:
@@ -247,6 +249,18 @@ class PostgresStore:
             return bool(models.rowcount or decisions.rowcount)
 
         return await self._run_tx(body)
+
+    async def prune_decisions(self, older_than_ms: int, batch_size: int) -> int:
+        async def delete(conn: Conn) -> int:
+            # Keyed by (user_id, seq), not ctid, so that it also runs on a sharded table.
+            cur = await conn.execute(
+                "DELETE FROM decision WHERE (user_id, seq) IN (SELECT user_id, seq FROM decision"
+                " WHERE ts_ms < %s LIMIT %s)",
+                (older_than_ms, batch_size),
+            )
+            return cur.rowcount
+
+        return await self._run(delete)
 
     # ── reads ────────────────────────────────────────────────────────────────
     async def get_user(self, user_id: str) -> UserRecord | None:
@@ -286,11 +300,36 @@ class PostgresStore:
         return await self._run(query)
 
     # ── plumbing ─────────────────────────────────────────────────────────────
+    @asynccontextmanager
+    async def _user_turn(self, user_id: str) -> AsyncIterator[None]:
+        """One write per user at a time in this process; the others wait here.
+
+        The row lock already serialises a user's writes across replicas; waiting for it
+        in-process instead keeps a burst for one user from holding every pooled connection
+        (each blocked on that row) while other users' requests time out waiting for one.
+        The map holds only users with a write in flight.
+        """
+        lock, waiting = self._turns.get(user_id) or (asyncio.Lock(), 0)
+        self._turns[user_id] = (lock, waiting + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, waiting = self._turns[user_id]
+            if waiting == 1:
+                del self._turns[user_id]
+            else:
+                self._turns[user_id] = (lock, waiting - 1)
+
     async def _run(self, body: Callable[[Conn], Awaitable[T]]) -> T:
         """Run body on a pooled connection; database failures become service errors."""
         try:
-            async with self._pool.connection() as conn:
+            async with asyncio.timeout(self._deadline_s), self._pool.connection() as conn:
                 return await body(conn)
+        except TimeoutError as exc:
+            raise StoreUnavailable(
+                f"the database did not answer within {self._deadline_s:.0f}s"
+            ) from exc
         except PoolTimeout as exc:
             raise StoreUnavailable("no database connection could be had in time") from exc
         except PoolClosed as exc:
@@ -324,15 +363,28 @@ class PostgresStore:
 _IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
-@asynccontextmanager
-async def _first_round_trip(conn: Conn) -> AsyncIterator[None]:
-    """A broken connection here has committed nothing: mark the failure safe to retry."""
+async def _begin_and_lock(
+    conn: Conn, user_id: str, also: tuple[str, tuple[Any, ...]] | None = None
+) -> tuple[Row | None, Row | None]:
+    """The first round trip of a write: BEGIN, make sure the user's row exists, lock it,
+    and run `also` (a query and its parameters) if given. The two rows, or None.
+
+    A connection that breaks here has committed nothing: the failure is marked safe to retry.
+    """
     try:
-        yield
+        async with conn.pipeline() as p:
+            await conn.execute("BEGIN")
+            await conn.execute(_ENSURE_USER, (user_id,))
+            user_cur = await conn.execute(_LOCK_USER, (user_id,))
+            also_cur = await conn.execute(*also) if also is not None else None
+            await p.sync()
+        user_row = await user_cur.fetchone()
+        also_row = await also_cur.fetchone() if also_cur is not None else None
     except psycopg.OperationalError as exc:
         if conn.broken:
             raise _RetrySafe(str(exc)) from exc
         raise
+    return user_row, also_row
 
 
 def _update_params(u: UserRecord) -> tuple[Any, ...]:

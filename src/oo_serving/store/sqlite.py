@@ -165,6 +165,16 @@ class SQLiteStore:
 
         return await self._read(query)
 
+    async def prune_decisions(self, older_than_ms: int, batch_size: int) -> int:
+        def delete(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM decision WHERE rowid IN"
+                " (SELECT rowid FROM decision WHERE ts_ms < ? LIMIT ?)",
+                (older_than_ms, batch_size),
+            ).rowcount
+
+        return await self._write(delete)
+
     async def decisions(self, user_id: str) -> list[DecisionRecord]:
         """Every retained decision of a user, oldest first, with its candidates."""
 
