@@ -920,3 +920,30 @@ def test_postgres_keeps_no_per_user_state_after_a_burst(postgres_url: str) -> No
         assert store._turns == {}  # type: ignore[attr-defined]
     finally:
         run(store.close())
+
+
+def test_concurrent_writes_where_some_fail_keep_the_others(store: Store) -> None:
+    """Writes that run together (SQLite commits them in one batch) fail or succeed alone."""
+    service = Service(store)
+    candidates = [Candidate(id="a", features=TaskFeatures(9, False, 0.0, 1))]
+
+    async def burst() -> list[object]:
+        jobs = []
+        for i in range(60):
+            if i % 5 == 0:  # an unknown event: the service raises inside the transaction
+                jobs.append(
+                    service.reward("mixed", "a", 1.0, candidates[0].features, event_id=f"nope-{i}")
+                )
+            else:
+                jobs.append(service.score("mixed", candidates))
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    outcomes = run(burst())
+    failures = [o for o in outcomes if isinstance(o, Exception)]
+    assert len(failures) == 12
+    assert all(isinstance(f, UnknownEvent) for f in failures)
+    user = run(store.get_user("mixed"))
+    assert user is not None
+    assert user.pulls == 48
+    assert user.reward_count == 0
+    assert len(run(store.history("mixed", 1000))) == 48

@@ -1,29 +1,35 @@
 """The embedded default: one SQLite file in WAL mode, shared by every worker process.
 
-Concurrency. Within a process every write runs on one dedicated thread with its own
-connection, so writes never block the event loop and never share a connection. Across
-processes each write transaction starts with `BEGIN IMMEDIATE`, which takes SQLite's
-single write lock up front (waiting up to the busy timeout), so two workers can never
-interleave a read-modify-write of the same user. Reads run on a small thread pool, each
-thread with its own read-only connection; WAL gives every read a consistent snapshot.
+Concurrency. Within a process one thread does every write, in batches: the writes queued
+while it was busy go into one transaction, each in its own savepoint, so one COMMIT (one
+fsync) serves them all and a write that fails is undone alone. Writes never block the
+event loop. Across processes an exclusive `flock` on `<database>.writelock` queues the
+writer threads in the kernel, and each transaction starts with `BEGIN IMMEDIATE`, which
+takes SQLite's write lock before reading, so two workers can never interleave a
+read-modify-write of the same user. Reads run on a small thread pool, each thread with
+its own connection; WAL gives every read a consistent snapshot.
 
-Durability. A write is acknowledged only after COMMIT returns. With synchronous=FULL
-(the default) the WAL is fsynced at every commit, so an acknowledged write survives
-`kill -9` and power loss; with NORMAL it survives a process crash but the last commits
-may be lost on power loss.
+Durability. A write is acknowledged only after the COMMIT of its batch returns. With
+synchronous=FULL (the default) the WAL is fsynced at every commit, so an acknowledged
+write survives `kill -9` and power loss; with NORMAL it survives a process crash but the
+last commits may be lost on power loss.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
+import os
+import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
@@ -102,22 +108,25 @@ class SQLiteStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
-        self._writer: ThreadPoolExecutor | None = None
+        self._writer: _GroupCommitWriter | None = None
         self._readers: ThreadPoolExecutor | None = None
 
     # ── lifecycle ────────────────────────────────────────────────────────────
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="oo-sqlite-write")
         self._readers = ThreadPoolExecutor(self._read_threads, thread_name_prefix="oo-sqlite-read")
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer, self.migrate)
+        await asyncio.get_running_loop().run_in_executor(self._readers, self.migrate)
+        self._writer = _GroupCommitWriter(
+            self._connection, self.path.with_name(self.path.name + ".writelock")
+        )
 
     async def close(self) -> None:
-        for pool in (self._writer, self._readers):
-            if pool is not None:
-                pool.shutdown(wait=True)
-        self._writer = self._readers = None
+        if self._writer is not None:
+            self._writer.stop()
+        if self._readers is not None:
+            self._readers.shutdown(wait=True)
+        self._writer = None
+        self._readers = None
         with self._connections_lock:
             for conn in self._connections:
                 conn.close()
@@ -285,13 +294,7 @@ class SQLiteStore:
     async def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer is None:
             raise StoreUnavailable("the store is closed")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer, self._run_write, body)
-
-    def _run_write(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._connection()
-        with _mapped_errors(), _transaction(conn):
-            return body(conn)
+        return await self._writer.submit(body)
 
     async def _read(self, body: Callable[[sqlite3.Connection], T]) -> T:
         if self._readers is None:
@@ -302,6 +305,111 @@ class SQLiteStore:
     def _run_read(self, body: Callable[[sqlite3.Connection], T]) -> T:
         with _mapped_errors():
             return body(self._connection())
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    body: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+
+
+class _GroupCommitWriter:
+    """The one writer of a process: a thread that commits queued writes in batches.
+
+    Every write waiting when the thread is free goes into one transaction (at most
+    MAX_BATCH), each inside its own savepoint, so that a write that raises is undone alone
+    and the others commit. One COMMIT, so one fsync, serves the whole batch, and each
+    caller is answered only after it. Between processes, an exclusive `flock` on a lock
+    file beside the database queues the writers in the kernel, which wakes the next one
+    at once; SQLite's own busy handler would poll with sleeps of up to 100 ms.
+    """
+
+    MAX_BATCH = 128
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection], lock_path: Path) -> None:
+        self._connect = connect
+        self._lock_path = lock_path
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="oo-sqlite-write", daemon=True)
+        self._thread.start()
+
+    async def submit(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put(_Job(body, future))
+        return await future
+
+    def stop(self) -> None:
+        """Commit what is queued, then end the thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        conn = self._connect()
+        lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            stopping = False
+            while not stopping:
+                job = self._queue.get()
+                if job is None:
+                    break
+                batch = [job]
+                while len(batch) < self.MAX_BATCH:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stopping = True
+                        break
+                    batch.append(more)
+                self._commit(conn, lock_fd, batch)
+        finally:
+            os.close(lock_fd)
+
+    def _commit(self, conn: sqlite3.Connection, lock_fd: int, batch: list[_Job]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            with _mapped_errors():
+                fcntl.flock(lock_fd, fcntl.LOCK_EX)
+                try:
+                    with _transaction(conn):
+                        for job in batch:
+                            outcomes.append(_in_savepoint(conn, job.body))
+                finally:
+                    fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is stored
+            outcomes = [(False, exc)] * len(batch)
+        for job, outcome in zip(batch, outcomes, strict=True):
+            job.future.get_loop().call_soon_threadsafe(_settle, job.future, outcome)
+
+
+def _in_savepoint(
+    conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], Any]
+) -> tuple[bool, Any]:
+    """Run one write in a savepoint: (True, result), or (False, error) with it undone.
+
+    If the undo itself fails the transaction is not usable: that raises, failing the batch.
+    """
+    conn.execute("SAVEPOINT job")
+    try:
+        with _mapped_errors():
+            result = body(conn)
+    except Exception as exc:
+        conn.execute("ROLLBACK TO job")
+        conn.execute("RELEASE job")
+        return False, exc
+    conn.execute("RELEASE job")
+    return True, result
+
+
+def _settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
+    if future.cancelled():
+        return
+    ok, value = outcome
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
 
 
 @contextmanager
