@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test lint typecheck pytest lock clean
+.PHONY: install serve test lint typecheck pytest lock bench clean
 
 install: $(STAMP)
 
@@ -38,3 +38,7 @@ lock: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info
+
+# Measure against the prototype and write docs/benchmarks.md (minutes; never part of test).
+bench: install
+	$(BIN)/python bench/run.py

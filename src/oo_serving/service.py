@@ -9,10 +9,12 @@ maths is the core's; time and ids come from here, never from the core.
 from __future__ import annotations
 
 import os
+import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from oo_serving.core.features import TaskFeatures, feature_matrix, feature_vector
 from oo_serving.core.linucb import LinUCBState
@@ -34,19 +36,30 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def new_event_id() -> str:
-    """A UUID in the version-7 layout: 48 bits of Unix ms, then 74 random bits.
+class EventIds:
+    """Event ids: UUIDs in the version-7 layout, 48 bits of Unix ms then 74 random bits.
 
-    Time-ordered, so the decision log's event index grows at its end.
+    Time-ordered, so the decision log's event index grows at its end. The random bits
+    come from a generator seeded from the OS once per process (reading the OS's source
+    for every id cost more than the rest of the id); it is reseeded in a forked child so
+    that two processes never share a sequence.
     """
-    value = (now_ms() & (2**48 - 1)) << 80 | int.from_bytes(os.urandom(10), "big")
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
-    return str(uuid.UUID(int=value))
+
+    def __init__(self) -> None:
+        self._pid = -1
+        self._rng = random.Random()
+
+    def __call__(self) -> str:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._rng.seed(os.urandom(32))
+        value = (now_ms() & (2**48 - 1)) << 80 | self._rng.getrandbits(80)
+        value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+        value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+        return str(uuid.UUID(int=value))
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(NamedTuple):
     """One tip offered to /score, with the features it is scored on."""
 
     id: str
@@ -95,14 +108,14 @@ class Service:
         history_size: int = 100,
         decision_log_per_user: int = 1000,
         clock_ms: Callable[[], int] = now_ms,
-        event_ids: Callable[[], str] = new_event_id,
+        event_ids: Callable[[], str] | None = None,
     ) -> None:
         self.store = store
         self.policy = policy
         self.history_size = history_size
         self.decisions_kept = max(decision_log_per_user, history_size)
         self._clock_ms = clock_ms
-        self._event_ids = event_ids
+        self._event_ids = event_ids or EventIds()
 
     async def score(self, user_id: str, candidates: Sequence[Candidate]) -> ScoreResult:
         """Choose one candidate, log the decision, count the pull."""

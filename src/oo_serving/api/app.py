@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from oo_serving import __version__
 from oo_serving.api.body_limit import BodyLimitMiddleware
 from oo_serving.api.errors import install_error_handlers
-from oo_serving.api.routes import build_router
+from oo_serving.api.routes import build_router, install_body_schemas
 from oo_serving.service import Service
 from oo_serving.settings import Settings
 from oo_serving.store import open_store
@@ -51,7 +51,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.include_router(build_router(service, settings.max_candidates))
+    router, body_models = build_router(service, settings.max_candidates)
+    app.include_router(router)
+    install_body_schemas(app, body_models)
     app.state.service = service
     return app
 

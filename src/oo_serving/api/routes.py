@@ -1,12 +1,14 @@
 """The endpoints. Each parses, calls one service method, and shapes the answer."""
 
 from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import orjson
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, FastAPI, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.routing import APIRoute
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BaseModel, ValidationError
 from starlette.convertors import Convertor, register_url_convertor
 
 from oo_serving.api.schemas import (
@@ -75,16 +77,80 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _task_features(f: CandidateFeatures, hour_of_day: int | None = None) -> TaskFeatures:
-    return TaskFeatures(
-        hour_of_day=f.hour_of_day if hour_of_day is None else hour_of_day,
-        is_overdue=f.is_overdue,
-        task_age_days=f.task_age_days,
-        priority=f.priority,
-    )
+def _task_features(f: CandidateFeatures) -> TaskFeatures:
+    return TaskFeatures(f.hour_of_day, f.is_overdue, f.task_age_days, f.priority)
 
 
-def build_router(service: Service, max_candidates: int) -> APIRouter:
+# The hot endpoints, /score and /reward, skip FastAPI's body handling and response
+# validation: `parse_body` parses and validates, and orjson writes the answer. The OpenAPI schema still states
+# every constraint: `json_body` declares the model, and `install_body_schemas` adds it.
+M = TypeVar("M", bound=BaseModel)
+
+
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """openapi_extra that declares `model` as the JSON request body."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+async def parse_body(request: Request, model: type[M]) -> M:
+    """The request body as `model`; a 422 naming each bad field otherwise.
+
+    orjson parses (it refuses NaN, Infinity and numbers that overflow a double, anywhere
+    in the body), then pydantic validates: measured faster than either alone.
+    """
+    raw = await request.body()
+    if not raw.strip():
+        raise RequestValidationError(
+            [{"type": "missing", "loc": ("body",), "msg": "Field required"}]
+        )
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        error = {"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error"}
+        raise RequestValidationError([{**error, "ctx": {"error": exc.msg}}]) from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_input=False)]
+        ) from exc
+
+
+def json_response(content: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(content), media_type="application/json")
+
+
+def install_body_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Add the models that `json_body` declared to the app's OpenAPI components.
+
+    Their nested models go in under an `-Input` name when FastAPI already has an output
+    schema of that name, so that a request's defaults are not shown as required.
+    """
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in models:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}-Input")
+            for name, definition in body.pop("$defs", {}).items():
+                components[f"{name}-Input"] = definition
+            components[model.__name__] = body
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def build_router(service: Service, max_candidates: int) -> tuple[APIRouter, list[type[BaseModel]]]:
+    """The endpoints, and the request models to add to the OpenAPI schema."""
     router = APIRouter(route_class=StrictJSONRoute)
     ScoreRequest = score_request_model(max_candidates)
 
@@ -93,47 +159,67 @@ def build_router(service: Service, max_candidates: int) -> APIRouter:
         """Liveness: the process answers. It does not touch the database."""
         return HealthResponse()
 
-    @router.post("/score", tags=["decisions"], responses=ERRORS)
-    async def score(request: ScoreRequest) -> ScoreResponse:  # type: ignore[valid-type]
+    @router.post(
+        "/score",
+        tags=["decisions"],
+        response_model=ScoreResponse,
+        responses=ERRORS,
+        openapi_extra=json_body(ScoreRequest),
+    )
+    async def score(request: Request) -> Response:
         """Choose the tip to show. Every candidate is scored at `context.hour_of_day`.
 
         The decision is logged with its `event_id`, probability and every candidate
         offered; send the `event_id` back with the reward.
         """
-        hour = request.context.hour_of_day  # type: ignore[attr-defined]
+        body = await parse_body(request, ScoreRequest)
+        hour = body.context.hour_of_day
         candidates = [
-            Candidate(id=c.id, features=_task_features(c.features, hour))
-            for c in request.candidates  # type: ignore[attr-defined]
+            Candidate(
+                c.id,
+                TaskFeatures(
+                    hour, c.features.is_overdue, c.features.task_age_days, c.features.priority
+                ),
+            )
+            for c in body.candidates  # type: ignore[attr-defined]
         ]
-        result = await service.score(request.user_id, candidates)  # type: ignore[attr-defined]
-        return ScoreResponse(
-            tip_id=result.tip_id, score=result.score, policy=result.policy, event_id=result.event_id
+        result = await service.score(body.user_id, candidates)
+        return json_response(
+            {
+                "tip_id": result.tip_id,
+                "score": result.score,
+                "policy": result.policy,
+                "event_id": result.event_id,
+            }
         )
 
     @router.post(
         "/reward",
         tags=["decisions"],
+        response_model=RewardResponse,
         responses={
             **ERRORS,
             404: {"model": ErrorResponse, "description": "event_id is not this user's decision."},
             409: {"model": ErrorResponse, "description": "tip_id is not the tip event_id chose."},
         },
+        openapi_extra=json_body(RewardRequest),
     )
-    async def reward(request: RewardRequest) -> RewardResponse:
+    async def reward(request: Request) -> Response:
         """Learn from what the user did with a tip.
 
         With `event_id`: learned once on the vector that decision scored (a repeat is
         acknowledged with `learned: false`). Without: learned on the user's latest
         decision for `tip_id`, or on `features` if none is logged.
         """
+        body = await parse_body(request, RewardRequest)
         result = await service.reward(
-            request.user_id,
-            request.tip_id,
-            request.reward,
-            _task_features(request.features),
-            request.event_id,
+            body.user_id,
+            body.tip_id,
+            body.reward,
+            _task_features(body.features),
+            body.event_id,
         )
-        return RewardResponse(learned=result.learned, event_id=result.event_id)
+        return json_response({"ok": True, "learned": result.learned, "event_id": result.event_id})
 
     @router.post("/reset/{user_id:whole}", tags=["users"], responses=ERRORS)
     async def reset(user_id: PathUserId) -> OkResponse:
@@ -174,4 +260,4 @@ def build_router(service: Service, max_candidates: int) -> APIRouter:
             ],
         )
 
-    return router
+    return router, [ScoreRequest, RewardRequest]

@@ -26,7 +26,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -379,8 +379,15 @@ class _GroupCommitWriter:
                     fcntl.flock(lock_fd, fcntl.LOCK_UN)
         except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is stored
             outcomes = [(False, exc)] * len(batch)
+        # One wake-up per event loop for the whole batch, not one per write.
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], tuple[bool, Any]]]
+        ] = {}
         for job, outcome in zip(batch, outcomes, strict=True):
-            job.future.get_loop().call_soon_threadsafe(_settle, job.future, outcome)
+            by_loop.setdefault(job.future.get_loop(), []).append((job.future, outcome))
+        for loop, settled in by_loop.items():
+            with suppress(RuntimeError):  # that loop has closed: nobody is waiting
+                loop.call_soon_threadsafe(_settle, settled)
 
 
 def _in_savepoint(
@@ -402,14 +409,14 @@ def _in_savepoint(
     return True, result
 
 
-def _settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
-    if future.cancelled():
-        return
-    ok, value = outcome
-    if ok:
-        future.set_result(value)
-    else:
-        future.set_exception(value)
+def _settle(settled: list[tuple[asyncio.Future[Any], tuple[bool, Any]]]) -> None:
+    for future, (ok, value) in settled:
+        if future.cancelled():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
 
 @contextmanager
