@@ -210,7 +210,7 @@ def render(
         *_http_tables(cells),
         "## Core micro-benchmarks",
         "",
-        "Best of 5 repeats of 2,000 calls, in-process (`timeit`), d = 5.",
+        "Best of 15 repeats of 2,000 calls, in-process (`timeit`), d = 5, run before the HTTP load.",
         "",
         "| operation | µs |",
         "|---|---|",

@@ -297,7 +297,8 @@ def measure(server: Server, endpoint: str, connections: int, users: int = 1000) 
 
 # ── micro-benchmarks ─────────────────────────────────────────────────────────
 def micro() -> dict[str, float]:
-    """µs per operation, the best of 5 repeats."""
+    """µs per operation, the best of 15 repeats (the machine is shared: the best is the
+    least disturbed)."""
 
     rng = np.random.default_rng(0)
     params = linucb.LinUCBParams()
@@ -334,7 +335,7 @@ def micro() -> dict[str, float]:
     out = {}
     for name, fn in cases.items():
         number = 2000
-        out[name] = min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
+        out[name] = min(timeit.repeat(fn, number=number, repeat=15)) / number * 1e6
     return out
 
 
@@ -460,6 +461,8 @@ def main() -> None:
     proto_python = ensure_prototype()
     pg_admin = postgres_admin()
     cells: dict[tuple[str, str, int, int], Result] = {}  # (contender, endpoint, workers, c)
+    log("core micro-benchmarks, before any load")
+    micro_results = micro()
 
     with tempfile.TemporaryDirectory() as tmp, maybe_postgres(pg_admin) as pg_url:
         for workers in WORKERS:
@@ -486,7 +489,6 @@ def main() -> None:
                 for s in servers:
                     s.stop()
 
-        micro_results = micro()
         scale_results: dict[str, dict[str, Any]] = {}
         per_user: dict[str, float] = {}
         if SCALE:

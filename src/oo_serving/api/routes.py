@@ -1,13 +1,11 @@
 """The endpoints. Each parses, calls one service method, and shapes the answer."""
 
-from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.routing import APIRoute
 from pydantic import AfterValidator, BaseModel, ValidationError
 from starlette.convertors import Convertor, register_url_convertor
 
@@ -29,25 +27,6 @@ from oo_serving.api.schemas import (
 )
 from oo_serving.core.features import TaskFeatures
 from oo_serving.service import Candidate, Service
-
-
-class _StrictJSONRequest(Request):
-    """Parses bodies with orjson: faster, and NaN, Infinity and 1e400 are refused."""
-
-    async def json(self) -> Any:
-        if not hasattr(self, "_json"):
-            self._json = orjson.loads(await self.body())
-        return self._json
-
-
-class StrictJSONRoute(APIRoute):
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def strict_handler(request: Request) -> Response:
-            return await handler(_StrictJSONRequest(request.scope, request.receive))
-
-        return strict_handler
 
 
 class _WholeSegmentConvertor(Convertor[str]):
@@ -81,9 +60,10 @@ def _task_features(f: CandidateFeatures) -> TaskFeatures:
     return TaskFeatures(f.hour_of_day, f.is_overdue, f.task_age_days, f.priority)
 
 
-# The hot endpoints, /score and /reward, skip FastAPI's body handling and response
-# validation: `parse_body` parses and validates, and orjson writes the answer. The OpenAPI schema still states
-# every constraint: `json_body` declares the model, and `install_body_schemas` adds it.
+# The endpoints with a body, /score and /reward, skip FastAPI's body handling and response
+# validation: `parse_body` parses and validates, and orjson writes the answer. The OpenAPI
+# schema still states every constraint: `json_body` declares the model in the operation,
+# and `install_body_schemas` adds its schema to the components.
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -124,8 +104,8 @@ def json_response(content: dict[str, Any]) -> Response:
 def install_body_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
     """Add the models that `json_body` declared to the app's OpenAPI components.
 
-    Their nested models go in under an `-Input` name when FastAPI already has an output
-    schema of that name, so that a request's defaults are not shown as required.
+    Their nested models go in under `<name>-Input`, apart from FastAPI's own schemas of the
+    same models as responses, where fields with defaults are shown as always present.
     """
 
     def openapi() -> dict[str, Any]:
@@ -151,7 +131,7 @@ def install_body_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
 
 def build_router(service: Service, max_candidates: int) -> tuple[APIRouter, list[type[BaseModel]]]:
     """The endpoints, and the request models to add to the OpenAPI schema."""
-    router = APIRouter(route_class=StrictJSONRoute)
+    router = APIRouter()
     ScoreRequest = score_request_model(max_candidates)
 
     @router.get("/health", tags=["operations"])
