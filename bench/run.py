@@ -385,9 +385,6 @@ def decision_bytes() -> float:
         server.stop()
     with sqlite3.connect(db) as conn:
         n = conn.execute("SELECT count(*) FROM decision").fetchone()[0]
-    empty = folder / "e.db"
-    run([str(OURS), "migrate", "--database", f"sqlite:///{empty}"])
-    with sqlite3.connect(db) as conn:
         models = conn.execute("SELECT count(*) FROM user_model").fetchone()[0]
     model_only = folder / "m.db"
     prefill_sqlite(model_only, models)

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from tests.support import error_locs
 
 TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 STATS_KEYS = {
@@ -145,17 +146,8 @@ def unknown_stats(user_id: str) -> dict[str, Any]:
 
 
 def assert_error(r: httpx.Response, status: int, loc: list[str | int]) -> None:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert set(body) == {"detail"}
-    assert isinstance(body["detail"], list)
-    assert body["detail"]
-    for item in body["detail"]:
-        assert set(item) == {"loc", "msg", "type"}
-        assert isinstance(item["msg"], str)
-        assert isinstance(item["type"], str)
-    assert loc in [item["loc"] for item in body["detail"]], body
+    locs = error_locs(r, status)
+    assert loc in locs, r.text
 
 
 # ── /health, /docs, /openapi.json ─────────────────────────────────────────────

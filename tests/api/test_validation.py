@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.support import error_locs
 
 MAX_BODY_BYTES = 1_048_576
 MISSING = object()  # as a value: delete the field
@@ -63,23 +64,6 @@ def snapshot(client: httpx.Client, uid: str) -> tuple[bytes, bytes]:
     assert stats.status_code == 200
     assert history.status_code == 200
     return stats.content, history.content
-
-
-def error_locs(r: httpx.Response, status: int) -> list[list[str | int]]:
-    """The response is the documented error JSON with `status`; its locs."""
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert set(body) == {"detail"}
-    assert isinstance(body["detail"], list)
-    assert body["detail"]
-    for item in body["detail"]:
-        assert set(item) == {"loc", "msg", "type"}
-        assert isinstance(item["loc"], list)
-        assert isinstance(item["msg"], str)
-        assert item["msg"]
-        assert isinstance(item["type"], str)
-    return [item["loc"] for item in body["detail"]]
 
 
 @dataclass(frozen=True)
