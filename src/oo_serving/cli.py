@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 import uvicorn
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from oo_serving.errors import SchemaError, StoreUnavailable
 from oo_serving.settings import Settings
@@ -46,9 +46,13 @@ def _settings(**overrides: Any) -> Settings:
 def _export(settings: Settings) -> None:
     """Put the resolved settings where worker processes will read them."""
     for name, value in settings.model_dump().items():
-        os.environ[f"OO_{name.upper()}"] = (
-            str(value).lower() if isinstance(value, bool) else str(value)
-        )
+        key = f"OO_{name.upper()}"
+        if value is None:
+            os.environ.pop(key, None)
+        elif isinstance(value, SecretStr):
+            os.environ[key] = value.get_secret_value()
+        else:
+            os.environ[key] = str(value).lower() if isinstance(value, bool) else str(value)
 
 
 async def _migrate(settings: Settings) -> None:
@@ -91,6 +95,7 @@ def serve(
         workers=settings.workers,
         log_level=settings.log_level,
         access_log=settings.access_log,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
         loop="uvloop",
         http="httptools",
     )

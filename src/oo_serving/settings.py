@@ -5,9 +5,10 @@ Built once, by the CLI or the app factory, never at import time.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite:///./var/oo-serving.db"
@@ -71,7 +72,43 @@ class Settings(BaseSettings):
         le=600_000,
         description="Longest a PostgreSQL statement or row-lock wait may take before a 503.",
     )
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="API keys as comma-separated KEY:SCOPES entries, scopes joined by +"
+        " (decide, read, admin), e.g. k1:decide,k2:read+decide. Empty: no keys.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A file of API key entries, one KEY:SCOPES a line; # comments."
+    )
+    metrics_key: SecretStr = Field(
+        SecretStr(""), description="If set, /metrics asks for this key as a Bearer token."
+    )
+    insecure: bool = Field(
+        False, description="Serve without API keys on an address other than loopback."
+    )
+    graceful_shutdown_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="After SIGTERM, how long in-flight requests may take to finish.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Server log level."
     )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object a line; text: for a terminal."
+    )
     access_log: bool = Field(True, description="Log one line per request.")
+    log_user_ids: Literal["hash", "clear"] = Field(
+        "hash",
+        description="hash: request logs carry a keyed hash of the user id, not the id.",
+    )
+    log_hash_key: SecretStr = Field(
+        SecretStr(""),
+        description="Key of the user-id hash in logs; empty: a random key per server run.",
+    )
+    metrics_dir: Path | None = Field(
+        None,
+        description="Folder for the workers' metric files (emptied at start); empty: a"
+        " temporary folder removed at exit.",
+    )
