@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def error_locs(r: httpx.Response, status: int) -> list[list[str | int]]:
@@ -20,3 +21,14 @@ def error_locs(r: httpx.Response, status: int) -> list[list[str | int]]:
         assert item["msg"]
         assert isinstance(item["type"], str)
     return [item["loc"] for item in body["detail"]]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` in a Prometheus exposition whose labels
+    include `labels` (0 when there is none)."""
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total

@@ -6,20 +6,31 @@ Every flag has an OO_* environment variable; a flag given wins over the variable
 from __future__ import annotations
 
 import asyncio
+import logging
+import logging.config
 import os
+import secrets
+import shutil
+import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
+from oo_serving.api.auth import SHORT_KEY_LENGTH, KeyRing, is_loopback
 from oo_serving.errors import SchemaError, StoreUnavailable
+from oo_serving.logs import log_config
+from oo_serving.metrics import MULTIPROCESS_DIR_ENV
 from oo_serving.settings import Settings
 from oo_serving.store import open_store
 
 T = TypeVar("T")
+log = logging.getLogger("oo_serving")
 
 app = typer.Typer(
     name="oo-serving",
@@ -82,23 +93,92 @@ def serve(
         int | None, typer.Option(help="[env: OO_WORKERS] default 1", show_default=False)
     ] = None,
     database: DatabaseOption = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="Serve without API keys on an address other than loopback. [env: OO_INSECURE]",
+        ),
+    ] = False,
 ) -> None:
     """Serve the HTTP API."""
-    settings = _settings(host=host, port=port, workers=workers, database_url=database)
-    _run_or_exit(_migrate(settings))
-    _export(settings)
-    uvicorn.run(
-        "oo_serving.api.app:create_app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=settings.graceful_shutdown_s,
-        loop="uvloop",
-        http="httptools",
+    settings = _settings(
+        host=host, port=port, workers=workers, database_url=database, insecure=insecure or None
     )
+    logging.config.dictConfig(log_config(settings))
+    _check_access(settings)
+    _run_or_exit(_migrate(settings))
+    if not settings.log_hash_key.get_secret_value():
+        # One key for all workers of this run, so that a user hashes the same in each.
+        settings = settings.model_copy(update={"log_hash_key": SecretStr(secrets.token_hex(32))})
+    with _metrics_folder(settings) as folder:
+        _export(settings)
+        if folder is not None:
+            os.environ[MULTIPROCESS_DIR_ENV] = str(folder)
+        uvicorn.run(
+            "oo_serving.api.app:create_app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_config=log_config(settings),
+            log_level=settings.log_level,
+            access_log=False,  # the service writes its own request log (OO_ACCESS_LOG)
+            timeout_graceful_shutdown=settings.graceful_shutdown_s,
+            loop="uvloop",
+            http="httptools",
+        )
+
+
+def _check_access(settings: Settings) -> None:
+    """Refuse to serve without keys beyond loopback, unless told to; say how it runs."""
+    try:
+        ring = KeyRing.load(settings.api_keys.get_secret_value(), settings.api_keys_file)
+    except ValueError as exc:
+        typer.echo(f"oo-serving: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    where = f"{settings.host}:{settings.port}"
+    if ring:
+        short = sum(key.short for key in ring.keys)
+        log.info("API keys required: %d configured", len(ring.keys))
+        if short:
+            log.warning("%d API key(s) shorter than %d characters", short, SHORT_KEY_LENGTH)
+        return
+    if is_loopback(settings.host):
+        log.warning("no API keys configured: every endpoint is open to anyone on %s", where)
+        return
+    if not settings.insecure:
+        typer.echo(
+            f"oo-serving: refusing to serve {where} without API keys: anyone who can reach"
+            " it could read and erase every user's data. Set OO_API_KEYS or"
+            " OO_API_KEYS_FILE, listen on 127.0.0.1, or pass --insecure.",
+            err=True,
+        )
+        raise typer.Exit(2)
+    log.warning("INSECURE: no API keys, and %s is not loopback: every endpoint is open", where)
+
+
+@contextmanager
+def _metrics_folder(settings: Settings) -> Iterator[Path | None]:
+    """Where the workers write their metrics; None with one worker (kept in memory).
+
+    OO_METRICS_DIR is emptied first (files of an earlier run would add to the counts);
+    otherwise a temporary folder is made, and removed at exit.
+    """
+    if settings.workers == 1:
+        yield None
+        return
+    if settings.metrics_dir is not None:
+        settings.metrics_dir.mkdir(parents=True, exist_ok=True)
+        for stale in settings.metrics_dir.glob("*.db"):
+            stale.unlink()
+        yield settings.metrics_dir
+        return
+    folder = Path(tempfile.mkdtemp(prefix="oo-serving-metrics-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @app.command()

@@ -28,6 +28,7 @@ from oo_serving.store.base import (
     RewardWrite,
     ScoreWrite,
     Store,
+    UserExport,
     UserRecord,
 )
 
@@ -241,6 +242,10 @@ class Service:
 
     async def history(self, user_id: str) -> list[HistoryEntry]:
         return await self.store.history(user_id, self.history_size)
+
+    async def export(self, user_id: str) -> UserExport:
+        """Everything stored about the user, as one snapshot."""
+        return await self.store.export_user(user_id)
 
     def _state_of(self, user: UserRecord | None) -> LinUCBState:
         if user is None:

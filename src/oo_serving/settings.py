@@ -86,9 +86,9 @@ class Settings(BaseSettings):
     insecure: bool = Field(
         False, description="Serve without API keys on an address other than loopback."
     )
-    graceful_shutdown_s: float = Field(
-        30.0,
-        gt=0,
+    graceful_shutdown_s: int = Field(
+        30,
+        ge=1,
         le=3600,
         description="After SIGTERM, how long in-flight requests may take to finish.",
     )

@@ -36,6 +36,10 @@ PATHS = {
     "/reset/{user_id}",
     "/stats/{user_id}",
     "/features/{user_id}",
+    "/ready",
+    "/metrics",
+    "/users/{user_id}",
+    "/users/{user_id}/export",
 }
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import Server
 from tests.e2e.pgproxy import CuttableProxy
+from tests.support import metric
 
 pytestmark = pytest.mark.slow
 
@@ -67,9 +68,13 @@ def test_database_outage_answers_503_then_recovers(
         proxy.cut()
         during = [_reward(client, user_id) for _ in range(5)]
         health = client.get("/health")
+        ready = client.get("/ready")
         proxy.restore()
 
+        # Alive, but not ready: an orchestrator keeps the process and stops routing to it.
         assert health.status_code == 200
+        assert ready.status_code == 503, ready.text
+        assert ready.json()["detail"][0]["type"].startswith("store_")
         # Every request during the outage is refused with a JSON 503 (not a 500, not a hang).
         assert [r.status_code for r in during] == [503] * 5
         assert all(r.json()["detail"][0]["type"].startswith("store_") for r in during)
@@ -81,6 +86,10 @@ def test_database_outage_answers_503_then_recovers(
             assert _reward(client, user_id).status_code == 200
             acked += 1
         stats = client.get(f"/stats/{user_id}").json()
+        assert client.get("/ready").status_code == 200
+        metrics = client.get("/metrics").text
+    # The failures were counted where an operator looks for them.
+    assert metric(metrics, "oo_store_errors_total", op="reward_tx") >= 5
     # Refused requests wrote nothing: the count is exactly what was acknowledged.
     assert stats["reward_count"] == acked
 

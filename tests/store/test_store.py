@@ -443,6 +443,49 @@ def test_a_deleted_user_starts_over(store: Store) -> None:
     assert event_ids_of(store, "u1") == ["ev-again"]
 
 
+# ── export ───────────────────────────────────────────────────────────────────
+
+
+def test_export_holds_the_model_and_every_kept_decision_of_that_user_only(store: Store) -> None:
+    for seq in range(1, 4):
+        log_decision(store, "u1", seq, f"a-{seq}", keep_from_seq=2)
+        log_decision(store, "u2", seq, f"b-{seq}")
+    run(
+        store.reward_tx(
+            "u1",
+            DecisionLookup(tip_id="tip-a", event_id="a-3"),
+            lambda user, ref: RewardWrite(
+                make_user("u1", pulls=3, reward_count=1, cumulative_reward=0.5),
+                reward_event="a-3",
+                reward=0.5,
+                ts_ms=9_000,
+                matched_event="a-3",
+            ),
+        )
+    )
+
+    export = run(store.export_user("u1"))
+
+    assert_same_user(export.user, run(store.get_user("u1")))
+    assert [d.event_id for d in export.decisions] == ["a-2", "a-3"]  # a-1 was pruned
+    for d in export.decisions:
+        expected = make_decision("u1", d.seq, d.event_id)
+        assert d.user_id == "u1"
+        assert (d.ts_ms, d.tip_id, d.features, d.score) == (
+            expected.ts_ms, expected.tip_id, expected.features, expected.score,
+        )  # fmt: skip
+        assert d.candidate_ids == expected.candidate_ids
+        assert d.candidate_X.tobytes() == expected.candidate_X.tobytes()
+        assert d.x.tobytes() == expected.x.tobytes()
+    assert [(d.reward, d.rewarded_ms) for d in export.decisions] == [(None, None), (0.5, 9_000)]
+
+
+def test_export_of_an_unknown_user_is_empty(store: Store) -> None:
+    export = run(store.export_user("nobody"))
+    assert export.user is None
+    assert export.decisions == []
+
+
 # ── reward lookup ────────────────────────────────────────────────────────────
 
 

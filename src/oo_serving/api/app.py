@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from oo_serving import __version__
+from oo_serving.api.auth import Access, KeyRing
 from oo_serving.api.body_limit import BodyLimitMiddleware
 from oo_serving.api.errors import install_error_handlers
+from oo_serving.api.observe import ObserveMiddleware
 from oo_serving.api.routes import build_router, install_body_schemas
+from oo_serving.api.schemas import ErrorResponse
+from oo_serving.logs import UserIdHasher
+from oo_serving.metrics import InstrumentedStore, Metrics
 from oo_serving.service import Service
 from oo_serving.settings import Settings
 from oo_serving.store import open_store
@@ -26,7 +32,10 @@ names the field.
 
 
 def create_app(settings: Settings) -> FastAPI:
-    store = open_store(settings)
+    ring = KeyRing.load(settings.api_keys.get_secret_value(), settings.api_keys_file)
+    access = Access.of(ring, settings.metrics_key.get_secret_value(), ErrorResponse)
+    metrics = Metrics()
+    store = InstrumentedStore(open_store(settings), metrics)
     service = Service(
         store,
         history_size=settings.history_size,
@@ -51,7 +60,17 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    router, body_models = build_router(service, settings.max_candidates)
+    # Added last, so outermost: it sees every answer, the body limit's 413 included.
+    app.add_middleware(
+        ObserveMiddleware,
+        metrics=metrics,
+        user_label=UserIdHasher(
+            settings.log_hash_key.get_secret_value() or secrets.token_hex(32),
+            clear=settings.log_user_ids == "clear",
+        ),
+        log_requests=settings.access_log,
+    )
+    router, body_models = build_router(service, settings.max_candidates, access, metrics)
     app.include_router(router)
     install_body_schemas(app, body_models)
     app.state.service = service

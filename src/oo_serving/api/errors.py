@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from oo_serving.api.auth import AuthError
 from oo_serving.errors import Conflict, NotFound, ServiceError, Unavailable
 
 STATUS_OF: tuple[tuple[type[ServiceError], int], ...] = (
@@ -67,7 +68,17 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _auth_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AuthError)
+    return JSONResponse(
+        error_body(["header", "Authorization"], exc.message, exc.code),
+        status_code=exc.status,
+        headers={"WWW-Authenticate": exc.challenge},
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AuthError, _auth_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -9,10 +9,17 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import AfterValidator, BaseModel, ValidationError
 from starlette.convertors import Convertor, register_url_convertor
 
+from oo_serving.api.auth import Access
+from oo_serving.api.observe import USER_ID_KEY
 from oo_serving.api.schemas import (
     USER_ID_CONSTRAINTS,
     CandidateFeatures,
+    DeletedResponse,
     ErrorResponse,
+    ExportedCandidate,
+    ExportedDecision,
+    ExportedModel,
+    ExportResponse,
     FeaturesResponse,
     HealthResponse,
     HistoryItem,
@@ -22,11 +29,15 @@ from oo_serving.api.schemas import (
     ScoreResponse,
     StatsResponse,
     format_ts,
+    format_ts_ms,
     refuse_dot_segments,
     score_request_model,
 )
 from oo_serving.core.features import TaskFeatures
-from oo_serving.service import Candidate, Service
+from oo_serving.core.linucb import LinUCBState
+from oo_serving.metrics import CONTENT_TYPE, Metrics
+from oo_serving.service import Candidate, Service, now_ms
+from oo_serving.store.base import UserExport
 
 
 class _WholeSegmentConvertor(Convertor[str]):
@@ -129,21 +140,88 @@ def install_body_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def build_router(service: Service, max_candidates: int) -> tuple[APIRouter, list[type[BaseModel]]]:
+def _export(user_id: str, export: UserExport) -> ExportResponse:
+    user = export.user
+    model = None
+    if user is not None:
+        model = ExportedModel(
+            policy=user.policy,
+            pulls=user.pulls,
+            reward_count=user.reward_count,
+            cumulative_reward=user.cumulative_reward,
+            theta=LinUCBState(A_inv=user.A_inv, b=user.b).theta.tolist(),
+            A_inv=user.A_inv.tolist(),
+            b=user.b.tolist(),
+            last_updated=format_ts_ms(user.last_updated_ms),
+        )
+    decisions = [
+        ExportedDecision(
+            event_id=d.event_id,
+            seq=d.seq,
+            ts=format_ts_ms(d.ts_ms),
+            tip_id=d.tip_id,
+            features=CandidateFeatures.model_validate(d.features),
+            x=d.x.tolist(),
+            score=d.score,
+            policy=d.policy,
+            propensity=d.propensity,
+            model_version=d.model_version,
+            candidates=[
+                ExportedCandidate(id=c, x=x)
+                for c, x in zip(d.candidate_ids, d.candidate_X.tolist(), strict=True)
+            ],
+            reward=d.reward,
+            rewarded_at=None if d.rewarded_ms is None else format_ts_ms(d.rewarded_ms),
+        )
+        for d in export.decisions
+    ]
+    return ExportResponse(
+        user_id=user_id,
+        exported_at=format_ts_ms(now_ms()),
+        model=model,
+        decisions=decisions,
+    )
+
+
+def build_router(
+    service: Service, max_candidates: int, access: Access, metrics: Metrics
+) -> tuple[APIRouter, list[type[BaseModel]]]:
     """The endpoints, and the request models to add to the OpenAPI schema."""
     router = APIRouter()
     ScoreRequest = score_request_model(max_candidates)
+    errors = {**ERRORS, **access.responses}
 
     @router.get("/health", tags=["operations"])
     async def health() -> HealthResponse:
         """Liveness: the process answers. It does not touch the database."""
         return HealthResponse()
 
+    @router.get("/ready", tags=["operations"], responses={503: ERRORS[503]})
+    async def ready() -> HealthResponse:
+        """Readiness: the database answers. 503 while it does not."""
+        await service.store.ping()
+        return HealthResponse()
+
+    @router.get(
+        "/metrics",
+        tags=["operations"],
+        dependencies=access.metrics,
+        response_class=Response,
+        responses={
+            200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format."},
+            **({401: access.responses[401]} if access.metrics else {}),
+        },
+    )
+    async def metrics_endpoint() -> Response:
+        """Every metric in Prometheus' text format, added up over all workers."""
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
     @router.post(
         "/score",
         tags=["decisions"],
         response_model=ScoreResponse,
-        responses=ERRORS,
+        responses=errors,
+        dependencies=access.decide,
         openapi_extra=json_body(ScoreRequest),
     )
     async def score(request: Request) -> Response:
@@ -153,6 +231,7 @@ def build_router(service: Service, max_candidates: int) -> tuple[APIRouter, list
         offered; send the `event_id` back with the reward.
         """
         body = await parse_body(request, ScoreRequest)
+        request.scope[USER_ID_KEY] = body.user_id
         hour = body.context.hour_of_day
         candidates = [
             Candidate(
@@ -164,6 +243,7 @@ def build_router(service: Service, max_candidates: int) -> tuple[APIRouter, list
             for c in body.candidates  # type: ignore[attr-defined]
         ]
         result = await service.score(body.user_id, candidates)
+        metrics.decision(result.policy)
         return json_response(
             {
                 "tip_id": result.tip_id,
@@ -177,8 +257,9 @@ def build_router(service: Service, max_candidates: int) -> tuple[APIRouter, list
         "/reward",
         tags=["decisions"],
         response_model=RewardResponse,
+        dependencies=access.decide,
         responses={
-            **ERRORS,
+            **errors,
             404: {"model": ErrorResponse, "description": "event_id is not this user's decision."},
             409: {"model": ErrorResponse, "description": "tip_id is not the tip event_id chose."},
         },
@@ -192,6 +273,7 @@ def build_router(service: Service, max_candidates: int) -> tuple[APIRouter, list
         decision for `tip_id`, or on `features` if none is logged.
         """
         body = await parse_body(request, RewardRequest)
+        request.scope[USER_ID_KEY] = body.user_id
         result = await service.reward(
             body.user_id,
             body.tip_id,
@@ -199,15 +281,24 @@ def build_router(service: Service, max_candidates: int) -> tuple[APIRouter, list
             _task_features(body.features),
             body.event_id,
         )
+        if body.event_id is not None:
+            join = "event_id"
+        else:
+            join = "request_features" if result.event_id is None else "latest_decision"
+        metrics.reward(join, result.learned, body.reward)
         return json_response({"ok": True, "learned": result.learned, "event_id": result.event_id})
 
-    @router.post("/reset/{user_id:whole}", tags=["users"], responses=ERRORS)
+    @router.post(
+        "/reset/{user_id:whole}", tags=["users"], responses=errors, dependencies=access.admin
+    )
     async def reset(user_id: PathUserId) -> OkResponse:
         """Forget this user's model, history and decision log (nobody else's)."""
         await service.reset(user_id)
         return OkResponse()
 
-    @router.get("/stats/{user_id:whole}", tags=["users"], responses=ERRORS)
+    @router.get(
+        "/stats/{user_id:whole}", tags=["users"], responses=errors, dependencies=access.read
+    )
     async def stats(user_id: PathUserId) -> StatsResponse:
         """The user's counters and θ. An unknown user has zeros and last_updated null."""
         s = await service.stats(user_id)
@@ -222,7 +313,9 @@ def build_router(service: Service, max_candidates: int) -> tuple[APIRouter, list
             last_updated=None if s.last_updated_ms is None else format_ts(s.last_updated_ms),
         )
 
-    @router.get("/features/{user_id:whole}", tags=["users"], responses=ERRORS)
+    @router.get(
+        "/features/{user_id:whole}", tags=["users"], responses=errors, dependencies=access.read
+    )
     async def features(user_id: PathUserId) -> FeaturesResponse:
         """The user's last decisions (100 by default), oldest first, as scored."""
         entries = await service.history(user_id)
@@ -239,5 +332,23 @@ def build_router(service: Service, max_candidates: int) -> tuple[APIRouter, list
                 for e in entries
             ],
         )
+
+    @router.delete(
+        "/users/{user_id:whole}", tags=["users"], responses=errors, dependencies=access.admin
+    )
+    async def delete_user(user_id: PathUserId) -> DeletedResponse:
+        """Erase everything stored about this user: model, history and decision log."""
+        return DeletedResponse(deleted=await service.reset(user_id))
+
+    @router.get(
+        "/users/{user_id:whole}/export",
+        tags=["users"],
+        responses=errors,
+        dependencies=access.read,
+    )
+    async def export_user(user_id: PathUserId) -> ExportResponse:
+        """Everything stored about this user, read in one snapshot: the model and every
+        decision kept in the log, with the candidates offered and the rewards learned."""
+        return _export(user_id, await service.export(user_id))
 
     return router, [ScoreRequest, RewardRequest]

@@ -81,6 +81,11 @@ def format_ts(ms: int) -> str:
     return time.strftime(TS_FORMAT, time.gmtime(ms / 1000))
 
 
+def format_ts_ms(ms: int) -> str:
+    """Unix milliseconds as a UTC timestamp to the millisecond: 2026-11-27T12:00:00.123Z."""
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(ms // 1000))}.{ms % 1000:03d}Z"
+
+
 class _Body(BaseModel):
     """Requests ignore unknown fields, as the prototype did."""
 
@@ -248,6 +253,52 @@ class FeaturesResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     ok: bool = True
+
+
+class DeletedResponse(BaseModel):
+    ok: bool = True
+    deleted: bool = Field(description="False when nothing was stored about this user.")
+
+
+class ExportedModel(BaseModel):
+    policy: str = Field(description="The policy that learned it, e.g. linucb-v1.")
+    pulls: int
+    reward_count: int
+    cumulative_reward: float
+    theta: list[float] = Field(description="θ = A⁻¹b.")
+    A_inv: list[list[float]] = Field(description="A⁻¹, d × d, row by row.")
+    b: list[float]
+    last_updated: str = Field(description="UTC, to the millisecond.")
+
+
+class ExportedCandidate(BaseModel):
+    id: str
+    x: list[float] = Field(description="The feature vector it was scored on.")
+
+
+class ExportedDecision(BaseModel):
+    event_id: str
+    seq: int = Field(description="The user's pull number that made this decision.")
+    ts: str = Field(description="When it was made, UTC, to the millisecond.")
+    tip_id: str
+    features: CandidateFeatures = Field(description="The chosen tip's features, as scored.")
+    x: list[float] = Field(description="The chosen tip's feature vector.")
+    score: float
+    policy: str
+    propensity: float = Field(description="Probability the policy gave this choice.")
+    model_version: int = Field(description="The user's reward_count when it was made.")
+    candidates: list[ExportedCandidate] = Field(description="Every tip offered, in order.")
+    reward: float | None = Field(description="The reward learned for it, if any.")
+    rewarded_at: str | None
+
+
+class ExportResponse(BaseModel):
+    user_id: str
+    exported_at: str = Field(description="UTC, to the millisecond.")
+    model: ExportedModel | None = Field(description="null when no model is stored.")
+    decisions: list[ExportedDecision] = Field(
+        description="Every decision kept in the log, oldest first."
+    )
 
 
 class ErrorItem(BaseModel):

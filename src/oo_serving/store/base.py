@@ -81,6 +81,14 @@ class HistoryEntry:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class UserExport:
+    """Everything stored about one user, read in one transaction: model and decisions."""
+
+    user: UserRecord | None
+    decisions: list[DecisionRecord]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class ScoreWrite:
     """What a /score writes: the user's row, one new decision, and the pruning point.
 
@@ -145,6 +153,9 @@ class Store(Protocol):
 
     async def history(self, user_id: str, limit: int) -> list[HistoryEntry]:
         """The user's last `limit` decisions, oldest first."""
+
+    async def export_user(self, user_id: str) -> UserExport:
+        """The user's model row and every retained decision, oldest first, one snapshot."""
 
     async def prune_decisions(self, older_than_ms: int, batch_size: int) -> int:
         """Delete up to batch_size decisions logged before older_than_ms; how many.

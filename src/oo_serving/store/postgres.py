@@ -40,12 +40,12 @@ from oo_serving.store.base import (
     REF_COLUMNS,
     USER_COLUMNS,
     DecisionLookup,
-    DecisionRecord,
     HistoryEntry,
     RewardFn,
     RewardWrite,
     ScoreFn,
     ScoreWrite,
+    UserExport,
     UserRecord,
     decision_from_row,
     encode_array,
@@ -287,15 +287,21 @@ class PostgresStore:
 
         return await self._run(query)
 
-    async def decisions(self, user_id: str) -> list[DecisionRecord]:
-        """Every retained decision of a user, oldest first, with its candidates."""
-
-        async def query(conn: Conn) -> list[DecisionRecord]:
-            cur = await conn.execute(
-                f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = %s ORDER BY seq",
-                (user_id,),
-            )
-            return [decision_from_row(r, r[5], r[11]) for r in await cur.fetchall()]
+    async def export_user(self, user_id: str) -> UserExport:
+        async def query(conn: Conn) -> UserExport:
+            async with conn.transaction():
+                # One snapshot for both reads: a write in between shows in neither.
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                cur = await conn.execute(
+                    f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = %s", (user_id,)
+                )
+                user = user_from_row(user_id, await cur.fetchone())
+                cur = await conn.execute(
+                    f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = %s ORDER BY seq",
+                    (user_id,),
+                )
+                rows = await cur.fetchall()
+            return UserExport(user, [decision_from_row(r, r[5], r[11]) for r in rows])
 
         return await self._run(query)
 

@@ -40,12 +40,12 @@ from oo_serving.store.base import (
     REF_COLUMNS,
     USER_COLUMNS,
     DecisionLookup,
-    DecisionRecord,
     HistoryEntry,
     RewardFn,
     RewardWrite,
     ScoreFn,
     ScoreWrite,
+    UserExport,
     UserRecord,
     decision_from_row,
     encode_array,
@@ -184,15 +184,18 @@ class SQLiteStore:
 
         return await self._write(delete)
 
-    async def decisions(self, user_id: str) -> list[DecisionRecord]:
-        """Every retained decision of a user, oldest first, with its candidates."""
-
-        def query(conn: sqlite3.Connection) -> list[DecisionRecord]:
-            rows = conn.execute(
-                f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = ? ORDER BY seq",
-                (user_id,),
-            ).fetchall()
-            return [decision_from_row(r, orjson.loads(r[5]), orjson.loads(r[11])) for r in rows]
+    async def export_user(self, user_id: str) -> UserExport:
+        def query(conn: sqlite3.Connection) -> UserExport:
+            with _transaction(conn, "DEFERRED"):  # both reads see one snapshot
+                user = _load_user(conn, user_id)
+                rows = conn.execute(
+                    f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = ? ORDER BY seq",
+                    (user_id,),
+                ).fetchall()
+            decisions = [
+                decision_from_row(r, orjson.loads(r[5]), orjson.loads(r[11])) for r in rows
+            ]
+            return UserExport(user, decisions)
 
         return await self._read(query)
 
@@ -420,9 +423,12 @@ def _settle(settled: list[tuple[asyncio.Future[Any], tuple[bool, Any]]]) -> None
 
 
 @contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK if the body raises."""
-    conn.execute("BEGIN IMMEDIATE")
+def _transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[None]:
+    """BEGIN IMMEDIATE (a write) or DEFERRED (a read: one snapshot) ... COMMIT.
+
+    ROLLBACK if the body raises.
+    """
+    conn.execute(f"BEGIN {mode}")
     try:
         yield
     except BaseException:

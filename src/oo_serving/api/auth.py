@@ -1,0 +1,236 @@
+"""API keys with scopes: who may call what.
+
+Keys come from `OO_API_KEYS` and `OO_API_KEYS_FILE` as `KEY:SCOPES` entries, scopes
+joined by `+`. In memory only their SHA-256 digests are kept, and a presented key is
+compared with every digest in constant time; logs name a key by a short prefix of its
+digest (`key_id`), never by the key. An entry may give the digest itself,
+`sha256:<64 hex>:SCOPES`, so that the plain key need not be written down at all.
+
+Scopes: `decide` (/score, /reward), `read` (/stats, /features, export), `admin` (/reset,
+delete, and everything `decide` and `read` allow).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+
+from oo_serving.api.observe import KEY_ID_KEY
+
+Scope = Literal["decide", "read", "admin"]
+SCOPES: tuple[Scope, ...] = ("decide", "read", "admin")
+# What holding a scope allows.
+GRANTS: dict[str, frozenset[str]] = {
+    "decide": frozenset({"decide"}),
+    "read": frozenset({"read"}),
+    "admin": frozenset(SCOPES),
+}
+REALM = "oo-serving"
+SHORT_KEY_LENGTH = 16  # keys shorter than this are accepted, with a warning at start
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def digest_of(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    digest: bytes
+    allows: frozenset[str]
+    short: bool = False  # given in clear and shorter than SHORT_KEY_LENGTH
+
+    @property
+    def key_id(self) -> str:
+        """How logs name this key: the first 12 hex digits of its SHA-256."""
+        return self.digest.hex()[:12]
+
+
+class AuthError(Exception):
+    """A request without a usable key (401) or without the scope it needs (403)."""
+
+    def __init__(self, status: int, code: str, message: str, challenge: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.challenge = challenge
+
+
+def parse_entries(entries: Iterable[str], source: str) -> list[ApiKey]:
+    """`KEY:SCOPES` or `sha256:<hex>:SCOPES` entries; a ValueError names a bad one.
+
+    Messages name an entry by its position, never by its text: it holds a key.
+    """
+    keys: list[ApiKey] = []
+    for number, raw in enumerate(entries, start=1):
+        entry = raw.strip()
+        key, sep, scopes_text = entry.rpartition(":")
+        where = f"{source}, entry {number}"
+        if not sep or not key:
+            raise ValueError(f"{where}: expected KEY:SCOPES, e.g. my-key:decide+read")
+        if any(c.isspace() for c in key) or "," in key:
+            raise ValueError(f"{where}: a key cannot hold spaces or commas")
+        scopes = scopes_text.split("+")
+        unknown = [s for s in scopes if s not in GRANTS]
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown scope {unknown[0]!r}; scopes are {', '.join(SCOPES)}"
+            )
+        allows = frozenset().union(*(GRANTS[s] for s in scopes))
+        if _DIGEST.fullmatch(key):
+            keys.append(ApiKey(bytes.fromhex(key.removeprefix("sha256:")), allows))
+        else:
+            keys.append(ApiKey(digest_of(key), allows, short=len(key) < SHORT_KEY_LENGTH))
+    return keys
+
+
+class KeyRing:
+    """The configured keys; empty means the service runs open."""
+
+    def __init__(self, keys: Iterable[ApiKey] = ()) -> None:
+        self.keys = tuple(keys)
+        digests = [k.digest for k in self.keys]
+        if len(set(digests)) != len(digests):
+            raise ValueError("the same API key is configured twice")
+
+    @classmethod
+    def load(cls, keys_text: str, keys_file: Path | None) -> KeyRing:
+        """From OO_API_KEYS (comma-separated) and OO_API_KEYS_FILE (one entry a line)."""
+        entries = [e for e in keys_text.split(",") if e.strip()]
+        keys = parse_entries(entries, "OO_API_KEYS")
+        if keys_file is not None:
+            try:
+                lines = keys_file.read_text().splitlines()
+            except OSError as exc:
+                raise ValueError(f"OO_API_KEYS_FILE: cannot read {keys_file}: {exc}") from exc
+            wanted = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            keys += parse_entries(wanted, f"OO_API_KEYS_FILE {keys_file}")
+        return cls(keys)
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def find(self, presented: str) -> ApiKey | None:
+        """The key whose digest matches; every digest is compared, in constant time."""
+        digest = digest_of(presented)
+        found = None
+        for key in self.keys:
+            if hmac.compare_digest(key.digest, digest):
+                found = key
+        return found
+
+
+bearer = HTTPBearer(
+    auto_error=False,
+    description="An API key: `Authorization: Bearer KEY`. Scopes: `decide` for /score and"
+    " /reward, `read` for /stats, /features and export, `admin` for everything.",
+)
+
+# Declared through `Security` so that the OpenAPI schema shows which operations need a key.
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+
+
+def _missing() -> AuthError:
+    return AuthError(
+        401,
+        "missing_api_key",
+        "an API key is required: send 'Authorization: Bearer KEY'",
+        f'Bearer realm="{REALM}"',
+    )
+
+
+def _invalid() -> AuthError:
+    return AuthError(
+        401,
+        "invalid_api_key",
+        "this API key is not valid",
+        f'Bearer realm="{REALM}", error="invalid_token"',
+    )
+
+
+def requires(ring: KeyRing, scope: Scope) -> Callable[..., Awaitable[None]]:
+    """A dependency that lets a request through only with a key allowing `scope`.
+
+    The key's id is left in the ASGI scope for the request log.
+    """
+
+    async def check(request: Request, credentials: Credentials) -> None:
+        if credentials is None:
+            raise _missing()
+        key = ring.find(credentials.credentials)
+        if key is None:
+            raise _invalid()
+        request.scope[KEY_ID_KEY] = key.key_id
+        if scope not in key.allows:
+            raise AuthError(
+                403,
+                "insufficient_scope",
+                f"this API key does not have the {scope!r} scope",
+                f'Bearer realm="{REALM}", error="insufficient_scope", scope="{scope}"',
+            )
+
+    return check
+
+
+def requires_key(digest: bytes) -> Callable[..., Awaitable[None]]:
+    """A dependency that asks for one particular key (the metrics key)."""
+
+    async def check(credentials: Credentials) -> None:
+        if credentials is None:
+            raise _missing()
+        if not hmac.compare_digest(digest_of(credentials.credentials), digest):
+            raise _invalid()
+
+    return check
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """The dependencies each kind of endpoint takes, and the errors they may answer.
+
+    With no keys configured every list is empty: the service runs open and its OpenAPI
+    schema asks for no key.
+    """
+
+    decide: list[Any]
+    read: list[Any]
+    admin: list[Any]
+    metrics: list[Any]
+    responses: dict[int | str, dict[str, Any]]
+
+    @classmethod
+    def of(cls, ring: KeyRing, metrics_key: str, error_model: type[BaseModel]) -> Access:
+        metrics = [Depends(requires_key(digest_of(metrics_key)))] if metrics_key else []
+        if not ring:
+            return cls([], [], [], metrics, {})
+        return cls(
+            decide=[Depends(requires(ring, "decide"))],
+            read=[Depends(requires(ring, "read"))],
+            admin=[Depends(requires(ring, "admin"))],
+            metrics=metrics,
+            responses={
+                401: {"model": error_model, "description": "No API key, or not a valid one."},
+                403: {"model": error_model, "description": "The key lacks the scope needed."},
+            },
+        )

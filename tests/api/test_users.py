@@ -1,0 +1,127 @@
+"""User data rights: export everything stored about a user; erase it all."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import httpx
+import numpy as np
+from tests.support import error_locs
+
+TS_MS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
+
+
+def _score(client: httpx.Client, user: str, hour: int = 9) -> dict[str, Any]:
+    body = {
+        "user_id": user,
+        "candidates": [
+            {"id": "t1", "content": "a", "source": "s", "features": {"priority": 4}},
+            {"id": "t2", "content": "b", "source": "s", "features": {"is_overdue": True}},
+        ],
+        "context": {"hour_of_day": hour},
+    }
+    r = client.post("/score", json=body)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def _reward(client: httpx.Client, user: str, tip: str, reward: float, event: str) -> None:
+    body = {"user_id": user, "tip_id": tip, "reward": reward, "features": {}, "event_id": event}
+    r = client.post("/reward", json=body)
+    assert r.status_code == 200, r.text
+
+
+def _x(hour: int, overdue: bool, age: float, priority: int) -> list[float]:
+    angle = 2 * math.pi * hour / 24
+    return [math.sin(angle), math.cos(angle), float(overdue), min(age, 30) / 30, (priority - 1) / 3]
+
+
+def test_export_holds_the_model_and_every_decision(client: httpx.Client, user_id: str) -> None:
+    first = _score(client, user_id, hour=9)
+    _reward(client, user_id, first["tip_id"], 1.0, first["event_id"])
+    second = _score(client, user_id, hour=18)
+
+    r = client.get(f"/users/{user_id}/export")
+    assert r.status_code == 200, r.text
+    export = r.json()
+    stats = client.get(f"/stats/{user_id}").json()
+
+    assert export["user_id"] == user_id
+    assert TS_MS_RE.match(export["exported_at"])
+    model = export["model"]
+    assert model["policy"] == "linucb-v1"
+    assert (model["pulls"], model["reward_count"], model["cumulative_reward"]) == (2, 1, 1.0)
+    assert np.allclose(model["theta"], stats["theta"], rtol=0, atol=1e-12)
+    # θ is A⁻¹b, and the exported A⁻¹ is the inverse of I + x xᵀ for the rewarded vector.
+    A_inv = np.array(model["A_inv"])
+    assert np.allclose(A_inv @ np.array(model["b"]), model["theta"], atol=1e-12)
+    chosen_x = np.array(export["decisions"][0]["x"])
+    assert np.allclose(np.linalg.inv(np.identity(5) + np.outer(chosen_x, chosen_x)), A_inv)
+
+    decisions = export["decisions"]
+    assert [d["event_id"] for d in decisions] == [first["event_id"], second["event_id"]]
+    assert [d["seq"] for d in decisions] == [1, 2]
+    assert [d["tip_id"] for d in decisions] == [first["tip_id"], second["tip_id"]]
+    assert [d["reward"] for d in decisions] == [1.0, None]
+    assert TS_MS_RE.match(decisions[0]["rewarded_at"])
+    assert decisions[1]["rewarded_at"] is None
+    assert [d["model_version"] for d in decisions] == [0, 1]
+    for d, hour in zip(decisions, (9, 18), strict=True):
+        assert TS_MS_RE.match(d["ts"])
+        assert d["propensity"] == 1.0
+        assert [c["id"] for c in d["candidates"]] == ["t1", "t2"]
+        expected = [_x(hour, False, 0.0, 4), _x(hour, True, 0.0, 1)]
+        assert np.allclose([c["x"] for c in d["candidates"]], expected, rtol=0, atol=1e-12)
+        chosen = next(c for c in d["candidates"] if c["id"] == d["tip_id"])
+        assert d["x"] == chosen["x"]
+        assert d["features"]["hour_of_day"] == hour
+    # The export agrees with what /features shows.
+    history = client.get(f"/features/{user_id}").json()["history"]
+    assert [h["event_id"] for h in history] == [d["event_id"] for d in decisions]
+
+
+def test_export_of_an_unknown_user_is_empty(client: httpx.Client, user_id: str) -> None:
+    r = client.get(f"/users/{user_id}/export")
+    assert r.status_code == 200
+    assert r.json()["model"] is None
+    assert r.json()["decisions"] == []
+
+
+def test_delete_erases_the_user_and_nobody_else(client: httpx.Client, user_id: str) -> None:
+    other = f"{user_id}-other"
+    decision = _score(client, user_id)
+    _score(client, other)
+    other_before = client.get(f"/users/{other}/export").json()
+
+    r = client.delete(f"/users/{user_id}")
+    assert r.status_code == 200
+    assert r.json() == {"ok": True, "deleted": True}
+
+    assert client.get(f"/users/{user_id}/export").json()["model"] is None
+    assert client.get(f"/users/{user_id}/export").json()["decisions"] == []
+    assert client.get(f"/features/{user_id}").json()["history"] == []
+    assert client.get(f"/stats/{user_id}").json()["pulls"] == 0
+    # Its logged decisions are gone too: their event ids no longer join.
+    body = {
+        "user_id": user_id,
+        "tip_id": decision["tip_id"],
+        "reward": 1.0,
+        "features": {},
+        "event_id": decision["event_id"],
+    }
+    assert error_locs(client.post("/reward", json=body), 404) == [["body", "event_id"]]
+    other_after = client.get(f"/users/{other}/export").json()
+    other_before.pop("exported_at")
+    other_after.pop("exported_at")
+    assert other_after == other_before
+
+    assert client.delete(f"/users/{user_id}").json() == {"ok": True, "deleted": False}
+
+
+def test_bad_user_ids_are_refused_by_name(client: httpx.Client) -> None:
+    for path in ("/users/a%2Fb/export", "/users/" + "x" * 257 + "/export", "/users/a%20b"):
+        method = "DELETE" if not path.endswith("/export") else "GET"
+        r = client.request(method, path)
+        assert error_locs(r, 422) == [["path", "user_id"]], path
