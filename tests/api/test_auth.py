@@ -276,3 +276,11 @@ def test_without_keys_it_refuses_to_listen_beyond_loopback(tmp_path: Path) -> No
 
 def test_open_on_loopback_says_so_at_start(server: Server) -> None:
     assert "no API keys configured: every endpoint is open" in server.log()
+
+
+def test_a_metrics_key_alone_guards_only_metrics(server_factory, user_id: str) -> None:
+    server: Server = server_factory(env={"OO_METRICS_KEY": METRICS_KEY})
+    with server.client() as c:
+        assert c.post("/score", json=_score_body(user_id)).status_code == 200
+        assert error_locs(c.get("/metrics"), 401) == [["header", "Authorization"]]
+        assert c.get("/metrics", headers=bearer(METRICS_KEY)).status_code == 200

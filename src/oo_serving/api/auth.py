@@ -209,28 +209,33 @@ def is_loopback(host: str) -> bool:
 class Access:
     """The dependencies each kind of endpoint takes, and the errors they may answer.
 
-    With no keys configured every list is empty: the service runs open and its OpenAPI
-    schema asks for no key.
+    With no keys configured the lists are empty: the service runs open and its OpenAPI
+    schema asks for no key. /metrics has its own key, or none.
     """
 
     decide: list[Any]
     read: list[Any]
     admin: list[Any]
-    metrics: list[Any]
     responses: dict[int | str, dict[str, Any]]
+    metrics: list[Any]
+    metrics_responses: dict[int | str, dict[str, Any]]
 
     @classmethod
     def of(cls, ring: KeyRing, metrics_key: str, error_model: type[BaseModel]) -> Access:
-        metrics = [Depends(requires_key(digest_of(metrics_key)))] if metrics_key else []
+        unauthorized = {"model": error_model, "description": "No API key, or not a valid one."}
+        forbidden = {"model": error_model, "description": "The key lacks the scope needed."}
+        metrics: list[Any] = []
+        metrics_responses: dict[int | str, dict[str, Any]] = {}
+        if metrics_key:
+            metrics = [Depends(requires_key(digest_of(metrics_key)))]
+            metrics_responses = {401: unauthorized}
         if not ring:
-            return cls([], [], [], metrics, {})
+            return cls([], [], [], {}, metrics, metrics_responses)
         return cls(
             decide=[Depends(requires(ring, "decide"))],
             read=[Depends(requires(ring, "read"))],
             admin=[Depends(requires(ring, "admin"))],
+            responses={401: unauthorized, 403: forbidden},
             metrics=metrics,
-            responses={
-                401: {"model": error_model, "description": "No API key, or not a valid one."},
-                403: {"model": error_model, "description": "The key lacks the scope needed."},
-            },
+            metrics_responses=metrics_responses,
         )

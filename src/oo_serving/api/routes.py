@@ -209,7 +209,7 @@ def build_router(
         response_class=Response,
         responses={
             200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format."},
-            **({401: access.responses[401]} if access.metrics else {}),
+            **access.metrics_responses,
         },
     )
     async def metrics_endpoint() -> Response:
