@@ -191,6 +191,14 @@ def test_openapi_lists_every_path_and_states_constraints(client: httpx.Client) -
     for path in ("/health", "/stats/{user_id}", "/features/{user_id}"):
         assert set(spec["paths"][path]) == {"get"}
 
+    # Every POST passes the body limit: its 413 is documented with the other errors.
+    for path in ("/score", "/reward", "/reset/{user_id}"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert {"200", "413", "422", "503"} <= set(responses)
+        assert responses["413"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"
+        }
+
     reward_body = _body_schema(spec, "/reward")
     assert set(reward_body["required"]) == {"user_id", "tip_id", "reward", "features"}
     assert reward_body["properties"]["reward"]["minimum"] == -1

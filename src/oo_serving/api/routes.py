@@ -54,6 +54,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "A field is invalid; `loc` names it."},
     503: {"model": ErrorResponse, "description": "The database is unavailable; retry."},
 }
+# Every POST passes BodyLimitMiddleware, whatever its route takes as a body.
+POST_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    413: {"model": ErrorResponse, "description": "The body is larger than OO_MAX_BODY_BYTES."},
+}
 
 
 def _task_features(f: CandidateFeatures) -> TaskFeatures:
@@ -143,7 +148,7 @@ def build_router(service: Service, max_candidates: int) -> tuple[APIRouter, list
         "/score",
         tags=["decisions"],
         response_model=ScoreResponse,
-        responses=ERRORS,
+        responses=POST_ERRORS,
         openapi_extra=json_body(ScoreRequest),
     )
     async def score(request: Request) -> Response:
@@ -178,7 +183,7 @@ def build_router(service: Service, max_candidates: int) -> tuple[APIRouter, list
         tags=["decisions"],
         response_model=RewardResponse,
         responses={
-            **ERRORS,
+            **POST_ERRORS,
             404: {"model": ErrorResponse, "description": "event_id is not this user's decision."},
             409: {"model": ErrorResponse, "description": "tip_id is not the tip event_id chose."},
         },
@@ -201,7 +206,7 @@ def build_router(service: Service, max_candidates: int) -> tuple[APIRouter, list
         )
         return json_response({"ok": True, "learned": result.learned, "event_id": result.event_id})
 
-    @router.post("/reset/{user_id:whole}", tags=["users"], responses=ERRORS)
+    @router.post("/reset/{user_id:whole}", tags=["users"], responses=POST_ERRORS)
     async def reset(user_id: PathUserId) -> OkResponse:
         """Forget this user's model, history and decision log (nobody else's)."""
         await service.reset(user_id)
