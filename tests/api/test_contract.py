@@ -206,6 +206,7 @@ def test_openapi_lists_every_path_and_states_constraints(client: httpx.Client) -
     assert reward_body["properties"]["user_id"]["pattern"]
     assert reward_body["properties"]["user_id"]["maxLength"] == 256
     assert reward_body["properties"]["user_id"]["minLength"] == 1
+    assert reward_body["properties"]["user_id"]["not"] == {"enum": [".", ".."]}
 
     score_body = _body_schema(spec, "/score")
     assert set(score_body["required"]) == {"user_id", "candidates"}
@@ -213,6 +214,7 @@ def test_openapi_lists_every_path_and_states_constraints(client: httpx.Client) -
     assert candidates["maxItems"] == 1000
     assert candidates["minItems"] == 1
     assert score_body["properties"]["user_id"]["pattern"]
+    assert score_body["properties"]["user_id"]["not"] == {"enum": [".", ".."]}
 
     context = _resolve(spec, score_body["properties"]["context"])
     assert context["properties"]["hour_of_day"]["minimum"] == 0
@@ -240,6 +242,7 @@ def test_openapi_lists_every_path_and_states_constraints(client: httpx.Client) -
         assert param["schema"]["pattern"]
         assert param["schema"]["maxLength"] == 256
         assert param["schema"]["minLength"] == 1
+        assert param["schema"]["not"] == {"enum": [".", ".."]}
 
 
 # ── /score ───────────────────────────────────────────────────────────────────
