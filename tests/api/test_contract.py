@@ -195,6 +195,14 @@ def test_openapi_lists_every_path_and_states_constraints(client: httpx.Client) -
     for path in ("/health", "/stats/{user_id}", "/features/{user_id}"):
         assert set(spec["paths"][path]) == {"get"}
 
+    # Every POST passes the body limit: its 413 is documented with the other errors.
+    for path in ("/score", "/reward", "/reset/{user_id}"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert {"200", "413", "422", "503"} <= set(responses)
+        assert responses["413"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorResponse"
+        }
+
     reward_body = _body_schema(spec, "/reward")
     assert set(reward_body["required"]) == {"user_id", "tip_id", "reward", "features"}
     assert reward_body["properties"]["reward"]["minimum"] == -1
@@ -202,6 +210,7 @@ def test_openapi_lists_every_path_and_states_constraints(client: httpx.Client) -
     assert reward_body["properties"]["user_id"]["pattern"]
     assert reward_body["properties"]["user_id"]["maxLength"] == 256
     assert reward_body["properties"]["user_id"]["minLength"] == 1
+    assert reward_body["properties"]["user_id"]["not"] == {"enum": [".", ".."]}
 
     score_body = _body_schema(spec, "/score")
     assert set(score_body["required"]) == {"user_id", "candidates"}
@@ -209,6 +218,7 @@ def test_openapi_lists_every_path_and_states_constraints(client: httpx.Client) -
     assert candidates["maxItems"] == 1000
     assert candidates["minItems"] == 1
     assert score_body["properties"]["user_id"]["pattern"]
+    assert score_body["properties"]["user_id"]["not"] == {"enum": [".", ".."]}
 
     context = _resolve(spec, score_body["properties"]["context"])
     assert context["properties"]["hour_of_day"]["minimum"] == 0
@@ -236,6 +246,7 @@ def test_openapi_lists_every_path_and_states_constraints(client: httpx.Client) -
         assert param["schema"]["pattern"]
         assert param["schema"]["maxLength"] == 256
         assert param["schema"]["minLength"] == 1
+        assert param["schema"]["not"] == {"enum": [".", ".."]}
 
 
 # ── /score ───────────────────────────────────────────────────────────────────

@@ -125,3 +125,13 @@ def test_bad_user_ids_are_refused_by_name(client: httpx.Client) -> None:
         method = "DELETE" if not path.endswith("/export") else "GET"
         r = client.request(method, path)
         assert error_locs(r, 422) == [["path", "user_id"]], path
+
+
+def test_the_export_is_its_own_resource(client: httpx.Client, user_id: str) -> None:
+    """A method the export does not have is 405, not a delete of the id "<id>/export"."""
+    _score(client, user_id)
+    for method in ("DELETE", "POST"):
+        r = client.request(method, f"/users/{user_id}/export")
+        assert r.status_code == 405, r.text
+        assert r.headers["allow"] == "GET"
+    assert client.get(f"/stats/{user_id}").json()["pulls"] == 1

@@ -57,13 +57,31 @@ class _WholeSegmentConvertor(Convertor[str]):
         return value
 
 
+class _WholeButExportConvertor(_WholeSegmentConvertor):
+    """`whole`, except a path that ends in /export, which is another resource.
+
+    Without it `DELETE /users/u/export` would reach the delete route with the id
+    "u/export" and answer 422, instead of 405 for a method the export does not have.
+    No valid id holds a "/", so this refuses no id that could be deleted.
+    """
+
+    regex = "(?s:.*)(?<!/export)"
+
+
 register_url_convertor("whole", _WholeSegmentConvertor())
+register_url_convertor("whole_but_export", _WholeButExportConvertor())
 
 PathUserId = Annotated[str, Path(**USER_ID_CONSTRAINTS), AfterValidator(refuse_dot_segments)]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "A field is invalid; `loc` names it."},
     503: {"model": ErrorResponse, "description": "The database is unavailable; retry."},
+}
+# Every request but GET, HEAD and OPTIONS passes BodyLimitMiddleware, whatever its route
+# takes as a body.
+POST_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    413: {"model": ErrorResponse, "description": "The body is larger than OO_MAX_BODY_BYTES."},
 }
 
 
@@ -190,6 +208,7 @@ def build_router(
     router = APIRouter()
     ScoreRequest = score_request_model(max_candidates)
     errors = {**ERRORS, **access.responses}
+    sending_errors = {**POST_ERRORS, **access.responses}  # methods that may carry a body
 
     @router.get("/health", tags=["operations"])
     async def health() -> HealthResponse:
@@ -220,7 +239,7 @@ def build_router(
         "/score",
         tags=["decisions"],
         response_model=ScoreResponse,
-        responses=errors,
+        responses=sending_errors,
         dependencies=access.decide,
         openapi_extra=json_body(ScoreRequest),
     )
@@ -259,7 +278,7 @@ def build_router(
         response_model=RewardResponse,
         dependencies=access.decide,
         responses={
-            **errors,
+            **sending_errors,
             404: {"model": ErrorResponse, "description": "event_id is not this user's decision."},
             409: {"model": ErrorResponse, "description": "tip_id is not the tip event_id chose."},
         },
@@ -289,7 +308,10 @@ def build_router(
         return json_response({"ok": True, "learned": result.learned, "event_id": result.event_id})
 
     @router.post(
-        "/reset/{user_id:whole}", tags=["users"], responses=errors, dependencies=access.admin
+        "/reset/{user_id:whole}",
+        tags=["users"],
+        responses=sending_errors,
+        dependencies=access.admin,
     )
     async def reset(user_id: PathUserId) -> OkResponse:
         """Forget this user's model, history and decision log (nobody else's)."""
@@ -334,7 +356,10 @@ def build_router(
         )
 
     @router.delete(
-        "/users/{user_id:whole}", tags=["users"], responses=errors, dependencies=access.admin
+        "/users/{user_id:whole_but_export}",
+        tags=["users"],
+        responses=sending_errors,
+        dependencies=access.admin,
     )
     async def delete_user(user_id: PathUserId) -> DeletedResponse:
         """Erase everything stored about this user: model, history and decision log."""

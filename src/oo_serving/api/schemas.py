@@ -22,9 +22,12 @@ USER_ID_DESCRIPTION = (
 )
 
 
+DOT_SEGMENTS = (".", "..")
+
+
 def refuse_dot_segments(user_id: str) -> str:
     """`.` and `..` match the pattern but cannot be sent in a URL path: refuse them."""
-    if user_id in (".", ".."):
+    if user_id in DOT_SEGMENTS:
         raise ValueError("user_id cannot be '.' or '..': they are not addressable in a URL path")
     return user_id
 
@@ -36,6 +39,8 @@ USER_ID_CONSTRAINTS: dict[str, Any] = {
     "pattern": USER_ID_PATTERN,
     "description": USER_ID_DESCRIPTION,
     "examples": ["user-42"],
+    # What `refuse_dot_segments` refuses, stated in the schema: the pattern alone allows it.
+    "json_schema_extra": {"not": {"enum": list(DOT_SEGMENTS)}},
 }
 UserId = Annotated[str, Field(**USER_ID_CONSTRAINTS), AfterValidator(refuse_dot_segments)]
 TipId = Annotated[
