@@ -13,9 +13,9 @@ code; an operation name), so the number of series stays bounded.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable
 from time import perf_counter
+from typing import Any, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -47,6 +47,8 @@ LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 REWARD_BUCKETS = (-1.0, -0.5, 0.0, 0.5, 1.0)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE"})
+T = TypeVar("T")
 
 
 class Metrics:
@@ -102,32 +104,46 @@ class Metrics:
             registry=r,
         )
 
+        # Labelled children, looked up once: `labels()` validates and locks on every call,
+        # which cost more than the increment itself on the hot path.
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def request(self, method: str, route: str, status: int, seconds: float) -> None:
-        labels = (method, route, str(status))
-        self.requests.labels(*labels).inc()
-        self.request_seconds.labels(*labels).observe(seconds)
+        key = (method, route, status)
+        children = self._request_children.get(key)
+        if children is None:
+            if method not in HTTP_METHODS:  # a client chooses the method: keep it bounded
+                method = "other"
+            labels = (method, route, str(status))
+            children = (self.requests.labels(*labels), self.request_seconds.labels(*labels))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def decision(self, policy: str) -> None:
-        self.decisions.labels(policy).inc()
+        self._child(self.decisions, policy).inc()
 
     def reward(self, join: str, learned: bool, value: float) -> None:
-        self.rewards.labels(join, "true" if learned else "false").inc()
+        self._child(self.rewards, join, "true" if learned else "false").inc()
         if learned:
-            self.reward_values.labels(join).observe(value)
+            self._child(self.reward_values, join).observe(value)
 
-    @contextmanager
-    def store_operation(self, op: str) -> Iterator[None]:
-        start = perf_counter()
-        try:
-            yield
-        except Exception as exc:
-            # A refusal decided by the service (unknown event, tip mismatch) is an answer,
-            # not a failure of the store.
-            if isinstance(exc, Unavailable) or not isinstance(exc, ServiceError):
-                self.store_errors.labels(op, type(exc).__name__).inc()
-            raise
-        finally:
-            self.store_seconds.labels(op).observe(perf_counter() - start)
+    def store_failed(self, op: str, exc: Exception) -> None:
+        # A refusal decided by the service (unknown event, tip mismatch) is an answer, not a
+        # failure of the store.
+        if isinstance(exc, Unavailable) or not isinstance(exc, ServiceError):
+            self._child(self.store_errors, op, type(exc).__name__).inc()
+
+    def store_took(self, op: str, seconds: float) -> None:
+        self._child(self.store_seconds, op).observe(seconds)
 
     def exposition(self) -> bytes:
         """The text format of every sample: this process's, or all workers' added up."""
@@ -143,7 +159,17 @@ class InstrumentedStore:
 
     def __init__(self, store: Store, metrics: Metrics) -> None:
         self.inner = store
-        self._timed = metrics.store_operation
+        self._metrics = metrics
+
+    async def _timed(self, op: str, work: Awaitable[T]) -> T:
+        start = perf_counter()
+        try:
+            return await work
+        except Exception as exc:
+            self._metrics.store_failed(op, exc)
+            raise
+        finally:
+            self._metrics.store_took(op, perf_counter() - start)
 
     async def open(self) -> None:
         await self.inner.open()
@@ -152,33 +178,27 @@ class InstrumentedStore:
         await self.inner.close()
 
     async def ping(self) -> None:
-        with self._timed("ping"):
-            await self.inner.ping()
+        await self._timed("ping", self.inner.ping())
 
     async def score_tx(self, user_id: str, fn: ScoreFn) -> ScoreWrite:
-        with self._timed("score_tx"):
-            return await self.inner.score_tx(user_id, fn)
+        return await self._timed("score_tx", self.inner.score_tx(user_id, fn))
 
     async def reward_tx(self, user_id: str, lookup: DecisionLookup, fn: RewardFn) -> RewardWrite:
-        with self._timed("reward_tx"):
-            return await self.inner.reward_tx(user_id, lookup, fn)
+        return await self._timed("reward_tx", self.inner.reward_tx(user_id, lookup, fn))
 
     async def delete_user(self, user_id: str) -> bool:
-        with self._timed("delete_user"):
-            return await self.inner.delete_user(user_id)
+        return await self._timed("delete_user", self.inner.delete_user(user_id))
 
     async def get_user(self, user_id: str) -> UserRecord | None:
-        with self._timed("get_user"):
-            return await self.inner.get_user(user_id)
+        return await self._timed("get_user", self.inner.get_user(user_id))
 
     async def history(self, user_id: str, limit: int) -> list[HistoryEntry]:
-        with self._timed("history"):
-            return await self.inner.history(user_id, limit)
+        return await self._timed("history", self.inner.history(user_id, limit))
 
     async def export_user(self, user_id: str) -> UserExport:
-        with self._timed("export_user"):
-            return await self.inner.export_user(user_id)
+        return await self._timed("export_user", self.inner.export_user(user_id))
 
     async def prune_decisions(self, older_than_ms: int, batch_size: int) -> int:
-        with self._timed("prune_decisions"):
-            return await self.inner.prune_decisions(older_than_ms, batch_size)
+        return await self._timed(
+            "prune_decisions", self.inner.prune_decisions(older_than_ms, batch_size)
+        )
