@@ -15,6 +15,7 @@ import typer
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
+from oo_serving.api import lifecycle
 from oo_serving.errors import SchemaError, StoreUnavailable
 from oo_serving.settings import Settings
 from oo_serving.store import open_store
@@ -97,7 +98,8 @@ def serve(
         access_log=settings.access_log,
         timeout_graceful_shutdown=settings.graceful_shutdown_s,
         loop="uvloop",
-        http="httptools",
+        # Answers what it received after SIGTERM instead of resetting idle connections.
+        http=lifecycle.DrainingHttpToolsProtocol,
     )
 
 
