@@ -88,18 +88,21 @@ def serve(
     settings = _settings(host=host, port=port, workers=workers, database_url=database)
     _run_or_exit(_migrate(settings))
     _export(settings)
-    uvicorn.run(
-        "oo_serving.api.app:create_app_from_env",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        timeout_graceful_shutdown=settings.graceful_shutdown_s,
-        loop="uvloop",
-        # Answers what it received after SIGTERM instead of resetting idle connections.
-        http=lifecycle.DrainingHttpToolsProtocol,
+    lifecycle.run(
+        uvicorn.Config(
+            "oo_serving.api.app:create_app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+            access_log=settings.access_log,
+            # uvicorn annotates an int but hands it to asyncio.wait_for, which takes a float.
+            timeout_graceful_shutdown=settings.graceful_shutdown_s,  # type: ignore[arg-type]
+            loop="uvloop",
+            # Answers what it received after SIGTERM instead of resetting idle connections.
+            http=lifecycle.DrainingHttpToolsProtocol,
+        )
     )
 
 
