@@ -26,6 +26,7 @@ cancels what is still running. Then the application's lifespan closes the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import select
@@ -33,6 +34,7 @@ import signal
 import socket
 import struct
 import sys
+from collections.abc import Iterator
 from types import FrameType
 
 from uvicorn import Config, Server
@@ -100,7 +102,7 @@ class DrainingHttpToolsProtocol(HttpToolsProtocol):
 
 class DrainingServer(Server):
     """uvicorn's server that accepts what the kernel queued before it closes its
-    listening socket.
+    listening socket, and exits 0 after a graceful stop.
 
     `owns_listener`: no other process holds the socket, so this server also stops new
     connections. A worker leaves that to its parent: a worker may be stopping alone (a
@@ -118,6 +120,14 @@ class DrainingServer(Server):
                 _drop_new_connections(sock)
         await _accept_queued(listeners)
         await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # uvicorn raises the signal again once it has stopped, so the process dies
+            # of SIGTERM; the stop was orderly, so end normally, with exit code 0.
+            self._captured_signals.clear()
 
 
 async def _accept_queued(listeners: list[socket.socket]) -> None:
