@@ -22,6 +22,7 @@ import typer
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
+from oo_serving.api import lifecycle
 from oo_serving.api.auth import SHORT_KEY_LENGTH, KeyRing, is_loopback
 from oo_serving.errors import SchemaError, StoreUnavailable
 from oo_serving.logs import log_config
@@ -115,18 +116,21 @@ def serve(
         _export(settings)
         if folder is not None:
             os.environ[MULTIPROCESS_DIR_ENV] = str(folder)
-        uvicorn.run(
-            "oo_serving.api.app:create_app_from_env",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            log_config=log_config(settings),
-            log_level=settings.log_level,
-            access_log=False,  # the service writes its own request log (OO_ACCESS_LOG)
-            timeout_graceful_shutdown=settings.graceful_shutdown_s,
-            loop="uvloop",
-            http="httptools",
+        lifecycle.run(
+            uvicorn.Config(
+                "oo_serving.api.app:create_app_from_env",
+                factory=True,
+                host=settings.host,
+                port=settings.port,
+                workers=settings.workers,
+                log_config=log_config(settings),
+                log_level=settings.log_level,
+                access_log=False,  # the service writes its own request log (OO_ACCESS_LOG)
+                timeout_graceful_shutdown=settings.graceful_shutdown_s,
+                loop="uvloop",
+                # Answers what it received after SIGTERM instead of resetting idle connections.
+                http=lifecycle.DrainingHttpToolsProtocol,
+            )
         )
 
 
