@@ -31,8 +31,10 @@ typecheck: install
 pytest: install
 	$(BIN)/python -m pytest
 
-# Re-pin every dependency to what is installed now (after changing pyproject.toml).
+# Re-pin every dependency to what is installed now (after changing pyproject.toml); the
+# bench extra is installed first so that its pins stay in the lock.
 lock: install
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,bench]'
 	$(BIN)/python -m pip freeze --exclude-editable --disable-pip-version-check \
 		| grep -v '^oo-serving' > requirements.lock
 
