@@ -243,6 +243,10 @@ class Service:
     async def history(self, user_id: str) -> list[HistoryEntry]:
         return await self.store.history(user_id, self.history_size)
 
+    async def ping(self) -> None:
+        """Raise StoreUnavailable unless the database answers."""
+        await self.store.ping()
+
     async def export(self, user_id: str) -> UserExport:
         """Everything stored about the user, as one snapshot."""
         return await self.store.export_user(user_id)

@@ -79,7 +79,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 # Every request but GET, HEAD and OPTIONS passes BodyLimitMiddleware, whatever its route
 # takes as a body.
-POST_ERRORS: dict[int | str, dict[str, Any]] = {
+BODY_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     413: {"model": ErrorResponse, "description": "The body is larger than OO_MAX_BODY_BYTES."},
 }
@@ -208,7 +208,7 @@ def build_router(
     router = APIRouter()
     ScoreRequest = score_request_model(max_candidates)
     errors = {**ERRORS, **access.responses}
-    sending_errors = {**POST_ERRORS, **access.responses}  # methods that may carry a body
+    sending_errors = {**BODY_ERRORS, **access.responses}  # methods that may carry a body
 
     @router.get("/health", tags=["operations"])
     async def health() -> HealthResponse:
@@ -218,7 +218,7 @@ def build_router(
     @router.get("/ready", tags=["operations"], responses={503: ERRORS[503]})
     async def ready() -> HealthResponse:
         """Readiness: the database answers. 503 while it does not."""
-        await service.store.ping()
+        await service.ping()
         return HealthResponse()
 
     @router.get(
