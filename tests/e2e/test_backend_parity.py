@@ -17,7 +17,7 @@ from tests.conftest import Server
 pytestmark = pytest.mark.slow
 
 EVENT_ID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
-TIMESTAMP = re.compile(rb"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+TIMESTAMP = re.compile(rb"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{3})?Z")
 
 
 def masked(body: bytes) -> bytes:
@@ -70,6 +70,9 @@ def script(seed: int) -> list[tuple[str, str, dict[str, Any] | None]]:
             steps.append(("GET", f"/features/{user}", None))
     steps += [("GET", "/stats/p-1", None), ("GET", "/features/p.2", None)]
     steps += [("POST", "/reset/p-1", None), ("GET", "/stats/p-1", None)]
+    # Everything stored about a user, then erased.
+    steps += [("GET", "/users/p.2/export", None), ("DELETE", "/users/p.2", None)]
+    steps += [("GET", "/users/p.2/export", None), ("DELETE", "/users/p.2", None)]
     return steps
 
 
