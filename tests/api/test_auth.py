@@ -179,27 +179,37 @@ def test_operations_endpoints_need_no_key_and_metrics_its_own(api: httpx.Client)
     assert "oo_http_requests_total" in r.text
 
 
-def test_openapi_states_which_operations_need_a_key(api: httpx.Client) -> None:
+def test_openapi_states_which_operations_need_which_scope(api: httpx.Client) -> None:
     schema = api.get("/openapi.json").json()
-    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert schema["components"]["securitySchemes"]["ApiKey"]["scheme"] == "bearer"
     secured = {
-        (path, method)
+        (path, method): op["security"]
         for path, ops in schema["paths"].items()
         for method, op in ops.items()
         if op.get("security")
     }
     assert secured == {
-        ("/score", "post"),
-        ("/reward", "post"),
-        ("/reset/{user_id}", "post"),
-        ("/stats/{user_id}", "get"),
-        ("/features/{user_id}", "get"),
-        ("/users/{user_id}", "delete"),
-        ("/users/{user_id}/export", "get"),
-        ("/metrics", "get"),
+        ("/score", "post"): [{"ApiKey": ["decide"]}],
+        ("/reward", "post"): [{"ApiKey": ["decide"]}],
+        ("/stats/{user_id}", "get"): [{"ApiKey": ["read"]}],
+        ("/features/{user_id}", "get"): [{"ApiKey": ["read"]}],
+        ("/users/{user_id}/export", "get"): [{"ApiKey": ["read"]}],
+        ("/reset/{user_id}", "post"): [{"ApiKey": ["admin"]}],
+        ("/users/{user_id}", "delete"): [{"ApiKey": ["admin"]}],
+        ("/metrics", "get"): [{"ApiKey": []}],
     }
-    for path, method in secured - {("/metrics", "get")}:
+    for path, method in set(secured) - {("/metrics", "get")}:
         assert {"401", "403"} <= set(schema["paths"][path][method]["responses"]), path
+    for path, method in secured:
+        # The body and the security requirement both stay in the operation.
+        if method == "post" and path in ("/score", "/reward"):
+            assert "requestBody" in schema["paths"][path][method]
+
+
+def test_an_open_server_asks_for_no_key_in_its_schema(client: httpx.Client) -> None:
+    schema = client.get("/openapi.json").json()
+    assert "securitySchemes" not in schema["components"]
+    assert not any(op.get("security") for ops in schema["paths"].values() for op in ops.values())
 
 
 def test_logs_name_keys_by_hash_only(api: httpx.Client, guarded: Server, user_id: str) -> None:

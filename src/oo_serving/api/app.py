@@ -72,7 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     router, body_models = build_router(service, settings.max_candidates, access, metrics)
     app.include_router(router)
-    install_body_schemas(app, body_models)
+    install_body_schemas(app, body_models, access.security_schemes)
     app.state.service = service
     return app
 

@@ -130,8 +130,11 @@ def json_response(content: dict[str, Any]) -> Response:
     return Response(orjson.dumps(content), media_type="application/json")
 
 
-def install_body_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
-    """Add the models that `json_body` declared to the app's OpenAPI components.
+def install_body_schemas(
+    app: FastAPI, models: list[type[BaseModel]], security_schemes: dict[str, Any]
+) -> None:
+    """Add the models that `json_body` declared, and the security schemes that routes name
+    in their openapi_extra, to the app's OpenAPI components.
 
     Their nested models go in under `<name>-Input`, apart from FastAPI's own schemas of the
     same models as responses, where fields with defaults are shown as always present.
@@ -152,6 +155,8 @@ def install_body_schemas(app: FastAPI, models: list[type[BaseModel]]) -> None:
             for name, definition in body.pop("$defs", {}).items():
                 components[f"{name}-Input"] = definition
             components[model.__name__] = body
+        if security_schemes:
+            schema["components"]["securitySchemes"] = security_schemes
         app.openapi_schema = schema
         return schema
 
@@ -225,6 +230,7 @@ def build_router(
         "/metrics",
         tags=["operations"],
         dependencies=access.metrics,
+        openapi_extra=access.doc["metrics"],
         response_class=Response,
         responses={
             200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format."},
@@ -241,7 +247,7 @@ def build_router(
         response_model=ScoreResponse,
         responses=sending_errors,
         dependencies=access.decide,
-        openapi_extra=json_body(ScoreRequest),
+        openapi_extra={**json_body(ScoreRequest), **access.doc["decide"]},
     )
     async def score(request: Request) -> Response:
         """Choose the tip to show. Every candidate is scored at `context.hour_of_day`.
@@ -282,7 +288,7 @@ def build_router(
             404: {"model": ErrorResponse, "description": "event_id is not this user's decision."},
             409: {"model": ErrorResponse, "description": "tip_id is not the tip event_id chose."},
         },
-        openapi_extra=json_body(RewardRequest),
+        openapi_extra={**json_body(RewardRequest), **access.doc["decide"]},
     )
     async def reward(request: Request) -> Response:
         """Learn from what the user did with a tip.
@@ -312,6 +318,7 @@ def build_router(
         tags=["users"],
         responses=sending_errors,
         dependencies=access.admin,
+        openapi_extra=access.doc["admin"],
     )
     async def reset(user_id: PathUserId) -> OkResponse:
         """Forget this user's model, history and decision log (nobody else's)."""
@@ -319,7 +326,11 @@ def build_router(
         return OkResponse()
 
     @router.get(
-        "/stats/{user_id:whole}", tags=["users"], responses=errors, dependencies=access.read
+        "/stats/{user_id:whole}",
+        tags=["users"],
+        responses=errors,
+        dependencies=access.read,
+        openapi_extra=access.doc["read"],
     )
     async def stats(user_id: PathUserId) -> StatsResponse:
         """The user's counters and θ. An unknown user has zeros and last_updated null."""
@@ -336,7 +347,11 @@ def build_router(
         )
 
     @router.get(
-        "/features/{user_id:whole}", tags=["users"], responses=errors, dependencies=access.read
+        "/features/{user_id:whole}",
+        tags=["users"],
+        responses=errors,
+        dependencies=access.read,
+        openapi_extra=access.doc["read"],
     )
     async def features(user_id: PathUserId) -> FeaturesResponse:
         """The user's last decisions (100 by default), oldest first, as scored."""
@@ -360,6 +375,7 @@ def build_router(
         tags=["users"],
         responses=sending_errors,
         dependencies=access.admin,
+        openapi_extra=access.doc["admin"],
     )
     async def delete_user(user_id: PathUserId) -> DeletedResponse:
         """Erase everything stored about this user: model, history and decision log."""
@@ -370,6 +386,7 @@ def build_router(
         tags=["users"],
         responses=errors,
         dependencies=access.read,
+        openapi_extra=access.doc["read"],
     )
     async def export_user(user_id: PathUserId) -> ExportResponse:
         """Everything stored about this user, read in one snapshot: the model and every
