@@ -217,49 +217,53 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+Kind = Literal["decide", "read", "admin", "metrics"]
+
+
 @dataclass(frozen=True, slots=True)
 class Access:
-    """What each kind of endpoint takes: its dependencies, the errors they may answer, and
-    its OpenAPI security requirement (`doc`, for the route's openapi_extra).
+    """Who may call each kind of endpoint, as keyword arguments for its route.
 
-    With no keys configured, decide, read and admin take nothing: the service runs open
-    and its OpenAPI schema asks for no key. /metrics has its own key, or none.
+    A guarded kind takes a dependency that checks the key, may answer 401 (and 403), and
+    states its security requirement in the OpenAPI schema. With no keys configured
+    decide, read and admin are open and the schema asks for no key; /metrics has its own
+    key, or none.
     """
 
-    decide: list[Any]
-    read: list[Any]
-    admin: list[Any]
-    responses: dict[int | str, dict[str, Any]]
-    metrics: list[Any]
-    metrics_responses: dict[int | str, dict[str, Any]]
-    doc: dict[str, dict[str, Any]]
+    dependencies: dict[Kind, list[Any]]
+    refusals: dict[Kind, dict[int | str, dict[str, Any]]]
+    security: dict[Kind, dict[str, Any]]
+
+    def route(
+        self,
+        kind: Kind,
+        responses: dict[int | str, dict[str, Any]] | None = None,
+        openapi_extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return {
+            "dependencies": self.dependencies[kind],
+            "responses": {**(responses or {}), **self.refusals[kind]},
+            "openapi_extra": {**(openapi_extra or {}), **self.security[kind]},
+        }
 
     @property
     def security_schemes(self) -> dict[str, Any]:
         """For the schema's components: the scheme, if any operation asks for a key."""
-        return {SCHEME_NAME: SECURITY_SCHEME} if any(self.doc.values()) else {}
+        return {SCHEME_NAME: SECURITY_SCHEME} if any(self.security.values()) else {}
 
     @classmethod
     def of(cls, ring: KeyRing, metrics_key: str, error_model: type[BaseModel]) -> Access:
         unauthorized = {"model": error_model, "description": "No API key, or not a valid one."}
         forbidden = {"model": error_model, "description": "The key lacks the scope needed."}
-        metrics: list[Any] = []
-        metrics_responses: dict[int | str, dict[str, Any]] = {}
-        doc: dict[str, dict[str, Any]] = {kind: {} for kind in (*SCOPES, "metrics")}
+        kinds: tuple[Kind, ...] = ("decide", "read", "admin", "metrics")
+        access = cls({k: [] for k in kinds}, {k: {} for k in kinds}, {k: {} for k in kinds})
         if metrics_key:
-            metrics = [Depends(requires_key(digest_of(metrics_key)))]
-            metrics_responses = {401: unauthorized}
-            doc["metrics"] = {"security": [{SCHEME_NAME: []}]}
-        if not ring:
-            return cls([], [], [], {}, metrics, metrics_responses, doc)
-        for scope in SCOPES:
-            doc[scope] = {"security": [{SCHEME_NAME: [scope]}]}
-        return cls(
-            decide=[Depends(requires(ring, "decide"))],
-            read=[Depends(requires(ring, "read"))],
-            admin=[Depends(requires(ring, "admin"))],
-            responses={401: unauthorized, 403: forbidden},
-            metrics=metrics,
-            metrics_responses=metrics_responses,
-            doc=doc,
-        )
+            access.dependencies["metrics"] = [Depends(requires_key(digest_of(metrics_key)))]
+            access.refusals["metrics"] = {401: unauthorized}
+            access.security["metrics"] = {"security": [{SCHEME_NAME: []}]}
+        if ring:
+            for scope in SCOPES:
+                access.dependencies[scope] = [Depends(requires(ring, scope))]
+                access.refusals[scope] = {401: unauthorized, 403: forbidden}
+                access.security[scope] = {"security": [{SCHEME_NAME: [scope]}]}
+        return access

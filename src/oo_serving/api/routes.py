@@ -212,8 +212,6 @@ def build_router(
     """The endpoints, and the request models to add to the OpenAPI schema."""
     router = APIRouter()
     ScoreRequest = score_request_model(max_candidates)
-    errors = {**ERRORS, **access.responses}
-    sending_errors = {**BODY_ERRORS, **access.responses}  # methods that may carry a body
 
     @router.get("/health", tags=["operations"])
     async def health() -> HealthResponse:
@@ -229,13 +227,11 @@ def build_router(
     @router.get(
         "/metrics",
         tags=["operations"],
-        dependencies=access.metrics,
-        openapi_extra=access.doc["metrics"],
         response_class=Response,
-        responses={
-            200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format."},
-            **access.metrics_responses,
-        },
+        **access.route(
+            "metrics",
+            {200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format."}},
+        ),
     )
     async def metrics_endpoint() -> Response:
         """Every metric in Prometheus' text format, added up over all workers."""
@@ -245,9 +241,7 @@ def build_router(
         "/score",
         tags=["decisions"],
         response_model=ScoreResponse,
-        responses=sending_errors,
-        dependencies=access.decide,
-        openapi_extra={**json_body(ScoreRequest), **access.doc["decide"]},
+        **access.route("decide", BODY_ERRORS, json_body(ScoreRequest)),
     )
     async def score(request: Request) -> Response:
         """Choose the tip to show. Every candidate is scored at `context.hour_of_day`.
@@ -282,13 +276,21 @@ def build_router(
         "/reward",
         tags=["decisions"],
         response_model=RewardResponse,
-        dependencies=access.decide,
-        responses={
-            **sending_errors,
-            404: {"model": ErrorResponse, "description": "event_id is not this user's decision."},
-            409: {"model": ErrorResponse, "description": "tip_id is not the tip event_id chose."},
-        },
-        openapi_extra={**json_body(RewardRequest), **access.doc["decide"]},
+        **access.route(
+            "decide",
+            {
+                **BODY_ERRORS,
+                404: {
+                    "model": ErrorResponse,
+                    "description": "event_id is not this user's decision.",
+                },
+                409: {
+                    "model": ErrorResponse,
+                    "description": "tip_id is not the tip event_id chose.",
+                },
+            },
+            json_body(RewardRequest),
+        ),
     )
     async def reward(request: Request) -> Response:
         """Learn from what the user did with a tip.
@@ -316,9 +318,7 @@ def build_router(
     @router.post(
         "/reset/{user_id:whole}",
         tags=["users"],
-        responses=sending_errors,
-        dependencies=access.admin,
-        openapi_extra=access.doc["admin"],
+        **access.route("admin", BODY_ERRORS),
     )
     async def reset(user_id: PathUserId) -> OkResponse:
         """Forget this user's model, history and decision log (nobody else's)."""
@@ -328,9 +328,7 @@ def build_router(
     @router.get(
         "/stats/{user_id:whole}",
         tags=["users"],
-        responses=errors,
-        dependencies=access.read,
-        openapi_extra=access.doc["read"],
+        **access.route("read", ERRORS),
     )
     async def stats(user_id: PathUserId) -> StatsResponse:
         """The user's counters and θ. An unknown user has zeros and last_updated null."""
@@ -349,9 +347,7 @@ def build_router(
     @router.get(
         "/features/{user_id:whole}",
         tags=["users"],
-        responses=errors,
-        dependencies=access.read,
-        openapi_extra=access.doc["read"],
+        **access.route("read", ERRORS),
     )
     async def features(user_id: PathUserId) -> FeaturesResponse:
         """The user's last decisions (100 by default), oldest first, as scored."""
@@ -373,9 +369,7 @@ def build_router(
     @router.delete(
         "/users/{user_id:whole_but_export}",
         tags=["users"],
-        responses=sending_errors,
-        dependencies=access.admin,
-        openapi_extra=access.doc["admin"],
+        **access.route("admin", BODY_ERRORS),
     )
     async def delete_user(user_id: PathUserId) -> DeletedResponse:
         """Erase everything stored about this user: model, history and decision log."""
@@ -384,9 +378,7 @@ def build_router(
     @router.get(
         "/users/{user_id:whole}/export",
         tags=["users"],
-        responses=errors,
-        dependencies=access.read,
-        openapi_extra=access.doc["read"],
+        **access.route("read", ERRORS),
     )
     async def export_user(user_id: PathUserId) -> ExportResponse:
         """Everything stored about this user, read in one snapshot: the model and every
