@@ -163,7 +163,7 @@ def install_body_schemas(
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _export(user_id: str, export: UserExport) -> ExportResponse:
+def _export_response(user_id: str, export: UserExport) -> ExportResponse:
     user = export.user
     model = None
     if user is not None:
@@ -383,6 +383,6 @@ def build_router(
     async def export_user(user_id: PathUserId) -> ExportResponse:
         """Everything stored about this user, read in one snapshot: the model and every
         decision kept in the log, with the candidates offered and the rewards learned."""
-        return _export(user_id, await service.export(user_id))
+        return _export_response(user_id, await service.export(user_id))
 
     return router, [ScoreRequest, RewardRequest]
