@@ -13,7 +13,10 @@ code; an operation name), so the number of series stays bounded.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable
+import re
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from time import perf_counter
 from typing import Any, TypeVar
 
@@ -22,10 +25,13 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    Metric,
     generate_latest,
     multiprocess,
 )
+from prometheus_client.registry import Collector
 
+from oo_serving.check import CheckReport
 from oo_serving.errors import ServiceError, Unavailable
 from oo_serving.store.base import (
     DecisionLookup,
@@ -40,6 +46,10 @@ from oo_serving.store.base import (
 )
 
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# The names prometheus-client gives its files in that folder: `<type>_<pid>.db`, and
+# `gauge_<mode>_<pid>.db`. The folder may hold other files (even the database): only
+# these are read, and only these are removed at start.
+METRICS_FILE = re.compile(r"(counter|histogram|summary|gauge_[a-z]+)_\d+\.db")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # Seconds; from a cached read (sub-millisecond) to a store time-out (seconds).
@@ -149,9 +159,21 @@ class Metrics:
         """The text format of every sample: this process's, or all workers' added up."""
         if self.multiprocess:
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            registry.register(_MetricFiles(Path(os.environ[MULTIPROCESS_DIR_ENV])))
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+class _MetricFiles(Collector):
+    """prometheus-client's MultiProcessCollector, reading only its own files: it reads
+    every `*.db` of the folder, and a folder shared with the database broke /metrics."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+
+    def collect(self) -> Iterable[Metric]:
+        files = sorted(str(f) for f in self._folder.glob("*.db") if METRICS_FILE.fullmatch(f.name))
+        return multiprocess.MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-any-return,no-untyped-call]
 
 
 class InstrumentedStore:
@@ -195,10 +217,32 @@ class InstrumentedStore:
     async def history(self, user_id: str, limit: int) -> list[HistoryEntry]:
         return await self._timed("history", self.inner.history(user_id, limit))
 
-    async def export_user(self, user_id: str) -> UserExport:
-        return await self._timed("export_user", self.inner.export_user(user_id))
+    @asynccontextmanager
+    async def export_user(self, user_id: str) -> AsyncIterator[UserExport]:
+        # Timed to the snapshot being taken; the streaming after it is the client's pace.
+        start = perf_counter()
+        exports = self.inner.export_user(user_id)
+        try:
+            export = await exports.__aenter__()
+        except Exception as exc:
+            self._metrics.store_failed("export_user", exc)
+            raise
+        finally:
+            self._metrics.store_took("export_user", perf_counter() - start)
+        try:
+            yield export
+        except BaseException as exc:
+            if not await exports.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            await exports.__aexit__(None, None, None)
 
     async def prune_decisions(self, older_than_ms: int, batch_size: int) -> int:
         return await self._timed(
             "prune_decisions", self.inner.prune_decisions(older_than_ms, batch_size)
         )
+
+    async def check(self) -> CheckReport:
+        # Not timed: a scan of the whole database, run by an operator, would only stretch
+        # the request-latency histogram of the store.
+        return await self.inner.check()

@@ -9,10 +9,10 @@ maths is the core's; time and ids come from here, never from the core.
 from __future__ import annotations
 
 import os
-import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -40,21 +40,29 @@ def now_ms() -> int:
 class EventIds:
     """Event ids: UUIDs in the version-7 layout, 48 bits of Unix ms then 74 random bits.
 
-    Time-ordered, so the decision log's event index grows at its end. The random bits
-    come from a generator seeded from the OS once per process (reading the OS's source
-    for every id cost more than the rest of the id); it is reseeded in a forked child so
-    that two processes never share a sequence.
+    Time-ordered, so the decision log's event index grows at its end. The random bits are
+    the OS's (`os.urandom`), read in blocks of BLOCK bytes because one read per id cost
+    more than the rest of the id: unpredictable from earlier ids, unlike a seeded
+    Mersenne Twister, whose state 624 outputs reveal. A forked child drops its parent's
+    block, so two processes never share bits.
     """
+
+    BLOCK = 4096  # 409 ids a read
+    _BYTES = 10  # 80 bits a id, of which the layout keeps 74
 
     def __init__(self) -> None:
         self._pid = -1
-        self._rng = random.Random()
+        self._block = b""
+        self._offset = 0
 
     def __call__(self) -> str:
-        if self._pid != os.getpid():
+        if self._pid != os.getpid() or self._offset + self._BYTES > len(self._block):
             self._pid = os.getpid()
-            self._rng.seed(os.urandom(32))
-        value = (now_ms() & (2**48 - 1)) << 80 | self._rng.getrandbits(80)
+            self._block = os.urandom(self.BLOCK)
+            self._offset = 0
+        rand = int.from_bytes(self._block[self._offset : self._offset + self._BYTES], "big")
+        self._offset += self._BYTES
+        value = (now_ms() & (2**48 - 1)) << 80 | rand
         value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
         value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
         return str(uuid.UUID(int=value))
@@ -165,18 +173,21 @@ class Service:
     async def reward(
         self,
         user_id: str,
-        tip_id: str,
+        tip_id: str | None,
         reward: float,
-        features: TaskFeatures,
+        features: TaskFeatures | None,
         event_id: str | None = None,
     ) -> RewardResult:
         """Learn from a reward, on the vector that was scored.
 
         With event_id: on that decision's vector, once; a repeat is acknowledged and not
-        learned again. Without: on the user's latest decision for tip_id, or, if none is
-        logged, on the features in the request (the prototype's behaviour).
+        learned again. tip_id, if given, must be that decision's; features are not used.
+        Without: on the user's latest decision for tip_id, or, if none is logged, on the
+        features in the request (the prototype's behaviour); both are then required.
         """
-        x_from_request = feature_vector(features)
+        if event_id is None and (tip_id is None or features is None):
+            raise ValueError("a reward without event_id needs tip_id and features")
+        x_from_request = None if features is None else feature_vector(features)
         ts = self._clock_ms()
 
         def learn(user: UserRecord | None, ref: DecisionRef | None) -> RewardWrite:
@@ -187,7 +198,7 @@ class Service:
                         " (unknown, another user's, reset, or past retention)",
                         loc=("body", "event_id"),
                     )
-                if ref.tip_id != tip_id:
+                if tip_id is not None and ref.tip_id != tip_id:
                     raise TipMismatch(
                         f"event {event_id!r} chose tip_id {ref.tip_id!r}, not {tip_id!r}",
                         loc=("body", "tip_id"),
@@ -196,6 +207,7 @@ class Service:
                     return RewardWrite(None, None, reward, ts, matched_event=ref.event_id)
             state = self._state_of(user)
             x = ref.x if ref is not None else x_from_request
+            assert x is not None  # no decision, so no event_id: features were required
             new_state = self.policy.update(state, x, reward)
             record = UserRecord(
                 user_id=user_id,
@@ -216,6 +228,7 @@ class Service:
                 matched_event=ref.event_id if ref is not None else None,
             )
 
+        # The lookup goes by event_id when there is one; only without it is tip_id read.
         lookup = DecisionLookup(tip_id=tip_id, event_id=event_id)
         write = await self.store.reward_tx(user_id, lookup, learn)
         return RewardResult(learned=write.user is not None, event_id=write.matched_event)
@@ -247,9 +260,10 @@ class Service:
         """Raise StoreUnavailable unless the database answers."""
         await self.store.ping()
 
-    async def export(self, user_id: str) -> UserExport:
-        """Everything stored about the user, as one snapshot."""
-        return await self.store.export_user(user_id)
+    def export(self, user_id: str) -> AbstractAsyncContextManager[UserExport]:
+        """Everything stored about the user, as one snapshot held until the context exits;
+        its decisions come in pages, read as they are consumed."""
+        return self.store.export_user(user_id)
 
     def _state_of(self, user: UserRecord | None) -> LinUCBState:
         if user is None:

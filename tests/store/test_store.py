@@ -7,11 +7,15 @@ runs on its own threads, so one store serves several event loops in turn.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
+import os
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Coroutine, Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,11 +24,13 @@ import psycopg
 import pytest
 
 from oo_serving.core.features import D, TaskFeatures, feature_matrix, feature_vector
-from oo_serving.errors import SchemaTooNew, StoreUnavailable, TipMismatch, UnknownEvent
-from oo_serving.service import Candidate, Service
+from oo_serving.errors import SchemaTooNew, StoreBusy, StoreUnavailable, TipMismatch, UnknownEvent
+from oo_serving.service import Candidate, EventIds, Service
 from oo_serving.settings import Settings
 from oo_serving.store import migrations
 from oo_serving.store.base import (
+    EXPORT_PAGE_ROWS,
+    EXPORTS_AT_ONCE,
     DecisionLookup,
     DecisionRecord,
     DecisionRef,
@@ -464,11 +470,11 @@ def test_export_holds_the_model_and_every_kept_decision_of_that_user_only(store:
         )
     )
 
-    export = run(store.export_user("u1"))
+    user, decisions = export_all(store, "u1")
 
-    assert_same_user(export.user, run(store.get_user("u1")))
-    assert [d.event_id for d in export.decisions] == ["a-2", "a-3"]  # a-1 was pruned
-    for d in export.decisions:
+    assert_same_user(user, run(store.get_user("u1")))
+    assert [d.event_id for d in decisions] == ["a-2", "a-3"]  # a-1 was pruned
+    for d in decisions:
         expected = make_decision("u1", d.seq, d.event_id)
         assert d.user_id == "u1"
         assert (d.ts_ms, d.tip_id, d.features, d.score) == (
@@ -477,13 +483,68 @@ def test_export_holds_the_model_and_every_kept_decision_of_that_user_only(store:
         assert d.candidate_ids == expected.candidate_ids
         assert d.candidate_X.tobytes() == expected.candidate_X.tobytes()
         assert d.x.tobytes() == expected.x.tobytes()
-    assert [(d.reward, d.rewarded_ms) for d in export.decisions] == [(None, None), (0.5, 9_000)]
+    assert [(d.reward, d.rewarded_ms) for d in decisions] == [(None, None), (0.5, 9_000)]
 
 
 def test_export_of_an_unknown_user_is_empty(store: Store) -> None:
-    export = run(store.export_user("nobody"))
-    assert export.user is None
-    assert export.decisions == []
+    assert export_all(store, "nobody") == (None, [])
+
+
+def test_export_comes_in_bounded_pages_of_one_snapshot(store: Store) -> None:
+    """Pages hold at most EXPORT_PAGE_ROWS decisions, and what is written or erased after
+    the export began shows in none of them."""
+    total = 3 * EXPORT_PAGE_ROWS + 1
+    for seq in range(1, total + 1):
+        log_decision(store, "u1", seq, f"a-{seq}")
+
+    async def export_while_writing() -> tuple[UserRecord | None, list[list[DecisionRecord]]]:
+        async with store.export_user("u1") as export:
+            first = await anext(export.pages)
+            # Written and erased after the snapshot was taken, while the export streams.
+            late = ScoreWrite(
+                make_user("u1", pulls=total + 1), make_decision("u1", total + 1, "late"), 1
+            )
+            await store.score_tx("u1", lambda _: late)
+            assert await store.delete_user("u1")
+            return export.user, [first] + [page async for page in export.pages]
+
+    user, pages = run(export_while_writing())
+    assert user is not None
+    assert user.pulls == total
+    assert all(1 <= len(page) <= EXPORT_PAGE_ROWS for page in pages)
+    assert len(pages) == 4
+    assert [d.seq for page in pages for d in page] == list(range(1, total + 1))
+    assert run(store.get_user("u1")) is None  # the erasure did happen
+
+
+def test_exports_beyond_the_slots_answer_busy_not_wait_forever(tmp_path: Path) -> None:
+    store = open_store(
+        Settings(database_url=f"sqlite:///{tmp_path}/e.db", sqlite_busy_timeout_ms=300)
+    )
+    run(store.open())
+
+    async def one_too_many() -> None:
+        async with AsyncExitStack() as held:
+            for _ in range(EXPORTS_AT_ONCE):
+                await held.enter_async_context(store.export_user("u1"))
+            with pytest.raises(StoreBusy, match="exports"):
+                async with asyncio.timeout(10):
+                    await held.enter_async_context(store.export_user("u1"))
+        async with store.export_user("u1") as export:  # the slots are free again
+            assert export.user is None
+
+    try:
+        run(one_too_many())
+    finally:
+        run(store.close())
+
+
+def export_all(store: Store, user_id: str) -> tuple[UserRecord | None, list[DecisionRecord]]:
+    async def read() -> tuple[UserRecord | None, list[DecisionRecord]]:
+        async with store.export_user(user_id) as export:
+            return export.user, [d async for page in export.pages for d in page]
+
+    return run(read())
 
 
 # ── reward lookup ────────────────────────────────────────────────────────────
@@ -556,7 +617,11 @@ def test_reward_event_is_marked_only_once(store: Store) -> None:
     assert first is not None
     assert first.reward == 0.75
 
-    run(store.reward_tx("u1", lookup, lambda _u, _r: RewardWrite(None, "ev-1", -1.0, 20, "ev-1")))
+    # Asked to mark it again, the store changes no row, so it refuses the whole write.
+    again = RewardWrite(make_user("u1", reward_count=2), "ev-1", -1.0, 20, "ev-1")
+    with pytest.raises(StoreUnavailable):
+        run(store.reward_tx("u1", lookup, lambda _u, _r: again))
+    assert run(store.get_user("u1")).reward_count == 0  # type: ignore[union-attr]
     second = peek(store, "u1", lookup)
     assert second is not None
     assert second.reward == 0.75
@@ -569,8 +634,10 @@ def test_reward_event_is_marked_only_once(store: Store) -> None:
 # ── migrations (SQLite) ──────────────────────────────────────────────────────
 
 
-def sqlite_store(path: Path) -> SQLiteStore:
-    store = open_store(Settings(database_url=f"sqlite:///{path}"))
+def sqlite_store(path: Path, busy_timeout_ms: int = 5000) -> SQLiteStore:
+    store = open_store(
+        Settings(database_url=f"sqlite:///{path}", sqlite_busy_timeout_ms=busy_timeout_ms)
+    )
     assert isinstance(store, SQLiteStore)
     return store
 
@@ -990,3 +1057,170 @@ def test_concurrent_writes_where_some_fail_keep_the_others(store: Store) -> None
     assert user.pulls == 48
     assert user.reward_count == 0
     assert len(run(store.history("mixed", 1000))) == 48
+
+
+# ── faults: bounded waits, a writer that survives, erasure racing a write ────
+
+
+def test_a_held_write_lock_answers_busy_within_the_deadline_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Another process holds the writers' flock (a stopped worker, a long prune): a write
+    is withdrawn at its deadline, answered StoreBusy, and never runs later."""
+    store = sqlite_store(tmp_path / "f.db", busy_timeout_ms=300)
+    run(store.open())
+    try:
+        fd = os.open(store.lock_path, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StoreBusy, match="OO_SQLITE_BUSY_TIMEOUT_MS"):
+                log_decision(store, "u1", 1, "ev-1")
+            with pytest.raises(StoreBusy):
+                run(store.ping())
+            assert time.monotonic() - started < 5  # a bound on a hang, not a timing claim
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        log_decision(store, "u1", 1, "ev-2")
+        assert event_ids_of(store, "u1") == ["ev-2"]  # the withdrawn write never ran
+        run(store.ping())
+    finally:
+        run(store.close())
+
+
+def test_the_writer_survives_a_failure_to_start_and_ready_says_so(tmp_path: Path) -> None:
+    """The lock file cannot be opened (here: a directory stands in its place). Each write
+    answers StoreUnavailable at once instead of hanging, ping fails, and writes work again
+    once the cause is gone, without a restart."""
+    path = tmp_path / "w.db"
+    first = sqlite_store(path)
+    run(first.open())
+    run(first.close())
+    first.lock_path.unlink()
+    first.lock_path.mkdir()
+
+    store = sqlite_store(path)
+    run(store.open())
+    try:
+        with pytest.raises(StoreUnavailable):
+            run(asyncio.wait_for(store.score_tx("u1", lambda _: make_write("u1", 1)), 10))
+        with pytest.raises(StoreUnavailable):
+            run(asyncio.wait_for(store.ping(), 10))
+        store.lock_path.rmdir()
+        log_decision(store, "u1", 1, "ev-1")
+        run(store.ping())
+        assert event_ids_of(store, "u1") == ["ev-1"]
+    finally:
+        run(store.close())
+
+
+def test_a_restarted_worker_opens_while_another_holds_the_write_lock(tmp_path: Path) -> None:
+    """Opening a store on a current schema takes no write lock: a worker restarted while
+    the others write cannot time out on its way up."""
+    path = tmp_path / "r.db"
+    writer = sqlite_store(path, busy_timeout_ms=200)
+    run(writer.open())
+    try:
+        fd = os.open(writer.lock_path, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        blocker = sqlite3.connect(path)
+        blocker.execute("BEGIN IMMEDIATE")  # SQLite's own write lock too
+        try:
+            restarted = sqlite_store(path, busy_timeout_ms=200)
+            run(restarted.open())
+            run(restarted.close())
+        finally:
+            blocker.rollback()
+            blocker.close()
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+    finally:
+        run(writer.close())
+
+
+def make_write(user_id: str, seq: int) -> ScoreWrite:
+    return ScoreWrite(make_user(user_id, pulls=seq), make_decision(user_id, seq, f"e{seq}"), 1)
+
+
+def test_postgres_erasure_between_a_writes_insert_and_its_lock_starts_a_fresh_user(
+    postgres_url: str,
+) -> None:
+    """The race that left users stuck: a write's INSERT … ON CONFLICT finds the row, an
+    erasure commits, then the write's SELECT … FOR UPDATE finds none. Made deterministic
+    by holding the row lock from another connection while the erasure is prepared."""
+    store = open_store(Settings(database_url=postgres_url))
+    run(store.open())
+    user = f"race-{uuid.uuid4().hex[:8]}"
+    try:
+        log_decision(store, user, 1, "old-1")
+        with psycopg.connect(postgres_url, autocommit=False) as eraser:
+            eraser.execute("SELECT 1 FROM user_model WHERE user_id = %s FOR UPDATE", (user,))
+            seen: list[UserRecord | None] = []
+
+            def fn(u: UserRecord | None) -> ScoreWrite:
+                seen.append(u)
+                return make_write(user, (u.pulls if u else 0) + 1)
+
+            pending = asyncio.run_coroutine_threadsafe(store.score_tx(user, fn), loop())
+            time.sleep(0.5)  # the write has made sure the row exists and waits for its lock
+            assert not pending.done()
+            eraser.execute("DELETE FROM user_model WHERE user_id = %s", (user,))
+            eraser.execute("DELETE FROM decision WHERE user_id = %s", (user,))
+            eraser.commit()
+            pending.result(timeout=30)
+        assert seen == [None]  # ordered after the erasure: a fresh user
+        stored = run(store.get_user(user))
+        assert stored is not None
+        assert stored.pulls == 1
+        assert event_ids_of(store, user) == ["e1"]
+        log_decision(store, user, 2, "next")  # not stuck: the next write works
+        assert event_ids_of(store, user) == ["e1", "next"]
+    finally:
+        run(store.close())
+
+
+def loop() -> asyncio.AbstractEventLoop:
+    run(asyncio.sleep(0))
+    assert _loop is not None
+    return _loop.loop
+
+
+# ── pruning by time uses an index; event ids come from the OS ───────────────
+
+
+def test_pruning_by_time_uses_the_decision_time_index(store: Store) -> None:
+    if isinstance(store, SQLiteStore):
+        with sqlite3.connect(store.path) as conn:
+            plan = conn.execute(
+                "EXPLAIN QUERY PLAN DELETE FROM decision WHERE rowid IN"
+                " (SELECT rowid FROM decision WHERE ts_ms < 5 LIMIT 10)"
+            ).fetchall()
+        conn.close()
+        assert any("decision_ts" in str(step) for step in plan), plan
+    else:
+        url = store.dsn  # type: ignore[attr-defined]
+        with psycopg.connect(url) as conn:
+            names = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes")}
+        assert "decision_ts" in names
+
+
+def test_event_ids_carry_the_operating_systems_random_bits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Drawn from os.urandom (in blocks), not from a generator seeded once, whose outputs
+    would let a client predict the next ids."""
+    reads: list[int] = []
+
+    def urandom(n: int) -> bytes:
+        reads.append(n)
+        return bytes(range(256)) * (n // 256) + bytes(n % 256)
+
+    monkeypatch.setattr(os, "urandom", urandom)
+    ids = EventIds()
+    first, second = uuid.UUID(ids()), uuid.UUID(ids())
+    assert reads == [EventIds.BLOCK]
+    low_bits = (1 << 62) - 1  # below the variant bits: the OS's bits as they came
+    assert first.int & low_bits == int.from_bytes(bytes(range(10)), "big") & low_bits
+    assert second.int & low_bits == int.from_bytes(bytes(range(10, 20)), "big") & low_bits
+    assert first.version == second.version == 7

@@ -1,24 +1,23 @@
 """The endpoints. Each parses, calls one service method, and shapes the answer."""
 
+from contextlib import AsyncExitStack
 from typing import Annotated, Any, TypeVar
 
 import orjson
-from fastapi import APIRouter, FastAPI, Path, Request, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from pydantic import AfterValidator, BaseModel, ValidationError
 from starlette.convertors import Convertor, register_url_convertor
 
 from oo_serving.api.auth import Access
+from oo_serving.api.export import ExportStream
 from oo_serving.api.observe import USER_ID_KEY
 from oo_serving.api.schemas import (
     USER_ID_CONSTRAINTS,
     CandidateFeatures,
     DeletedResponse,
     ErrorResponse,
-    ExportedCandidate,
-    ExportedDecision,
-    ExportedModel,
     ExportResponse,
     FeaturesResponse,
     HealthResponse,
@@ -29,15 +28,12 @@ from oo_serving.api.schemas import (
     ScoreResponse,
     StatsResponse,
     format_ts,
-    format_ts_ms,
     refuse_dot_segments,
     score_request_model,
 )
 from oo_serving.core.features import TaskFeatures
-from oo_serving.core.linucb import LinUCBState
 from oo_serving.metrics import CONTENT_TYPE, Metrics
-from oo_serving.service import Candidate, Service, now_ms
-from oo_serving.store.base import UserExport
+from oo_serving.service import Candidate, Service
 
 
 class _WholeSegmentConvertor(Convertor[str]):
@@ -63,9 +59,14 @@ class _WholeButExportConvertor(_WholeSegmentConvertor):
     Without it `DELETE /users/u/export` would reach the delete route with the id
     "u/export" and answer 422, instead of 405 for a method the export does not have.
     No valid id holds a "/", so this refuses no id that could be deleted.
+
+    The test is a lookahead from the start of the value, not a lookbehind at its end: a
+    lookbehind sees past the value into the route's "/users" prefix, so the id "export"
+    itself (path "/users/export") could not be deleted. `\\Z`, not `$`: only a value that
+    ends in "/export", not one followed by a newline.
     """
 
-    regex = "(?s:.*)(?<!/export)"
+    regex = r"(?s:(?!.*/export\Z).*)"
 
 
 register_url_convertor("whole", _WholeSegmentConvertor())
@@ -163,49 +164,6 @@ def install_body_schemas(
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _export_response(user_id: str, export: UserExport) -> ExportResponse:
-    user = export.user
-    model = None
-    if user is not None:
-        model = ExportedModel(
-            policy=user.policy,
-            pulls=user.pulls,
-            reward_count=user.reward_count,
-            cumulative_reward=user.cumulative_reward,
-            theta=LinUCBState(A_inv=user.A_inv, b=user.b).theta.tolist(),
-            A_inv=user.A_inv.tolist(),
-            b=user.b.tolist(),
-            last_updated=format_ts_ms(user.last_updated_ms),
-        )
-    decisions = [
-        ExportedDecision(
-            event_id=d.event_id,
-            seq=d.seq,
-            ts=format_ts_ms(d.ts_ms),
-            tip_id=d.tip_id,
-            features=CandidateFeatures.model_validate(d.features),
-            x=d.x.tolist(),
-            score=d.score,
-            policy=d.policy,
-            propensity=d.propensity,
-            model_version=d.model_version,
-            candidates=[
-                ExportedCandidate(id=c, x=x)
-                for c, x in zip(d.candidate_ids, d.candidate_X.tolist(), strict=True)
-            ],
-            reward=d.reward,
-            rewarded_at=None if d.rewarded_ms is None else format_ts_ms(d.rewarded_ms),
-        )
-        for d in export.decisions
-    ]
-    return ExportResponse(
-        user_id=user_id,
-        exported_at=format_ts_ms(now_ms()),
-        model=model,
-        decisions=decisions,
-    )
-
-
 def build_router(
     service: Service, max_candidates: int, access: Access, metrics: Metrics
 ) -> tuple[APIRouter, list[type[BaseModel]]]:
@@ -220,7 +178,9 @@ def build_router(
 
     @router.get("/ready", tags=["operations"], responses={503: ERRORS[503]})
     async def ready() -> HealthResponse:
-        """Readiness: the database answers. 503 while it does not."""
+        """Readiness: the database answers reads, and a write could start now (SQLite: the
+        writer runs and gets the write lock within the deadline; PostgreSQL: not a
+        read-only standby). 503 while it cannot."""
         await service.ping()
         return HealthResponse()
 
@@ -296,8 +256,9 @@ def build_router(
         """Learn from what the user did with a tip.
 
         With `event_id`: learned once on the vector that decision scored (a repeat is
-        acknowledged with `learned: false`). Without: learned on the user's latest
-        decision for `tip_id`, or on `features` if none is logged.
+        acknowledged with `learned: false`); `tip_id` and `features` may be left out.
+        Without: `tip_id` and `features` are required, and the reward is learned on the
+        user's latest decision for `tip_id`, or on `features` if none is logged.
         """
         body = await parse_body(request, RewardRequest)
         request.scope[USER_ID_KEY] = body.user_id
@@ -305,7 +266,7 @@ def build_router(
             body.user_id,
             body.tip_id,
             body.reward,
-            _task_features(body.features),
+            None if body.features is None else _task_features(body.features),
             body.event_id,
         )
         if body.event_id is not None:
@@ -378,11 +339,22 @@ def build_router(
     @router.get(
         "/users/{user_id:whole}/export",
         tags=["users"],
+        response_model=ExportResponse,
         **access.route("read", ERRORS),
     )
-    async def export_user(user_id: PathUserId) -> ExportResponse:
+    async def export_user(request: Request, user_id: PathUserId) -> Response:
         """Everything stored about this user, read in one snapshot: the model and every
-        decision kept in the log, with the candidates offered and the rewards learned."""
-        return _export_response(user_id, await service.export(user_id))
+        decision kept in the log, with the candidates offered and the rewards learned.
+
+        Streamed a page of decisions at a time, so memory stays bounded whatever the
+        retention; should the database fail mid-way the answer is cut short (not valid
+        JSON). At most two exports run at once per worker; more wait, then answer 503.
+        """
+        if not request.scope["path"].endswith("/export"):
+            # Starlette's `$` also matches before a final newline: "/users/u/export\n".
+            raise HTTPException(404, "Not Found")
+        snapshot = AsyncExitStack()
+        export = await snapshot.enter_async_context(service.export(user_id))
+        return ExportStream(user_id, export, snapshot)
 
     return router, [ScoreRequest, RewardRequest]

@@ -9,13 +9,17 @@ is written. This is the only way state changes, so no update can be lost or half
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from oo_serving.check import CheckReport
 from oo_serving.core.features import Matrix, Vector
+from oo_serving.errors import StoreBusy
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -82,10 +86,19 @@ class HistoryEntry:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class UserExport:
-    """Everything stored about one user, read in one transaction: model and decisions."""
+    """Everything stored about one user, as one snapshot: the model, and the decisions
+    oldest first in pages of at most EXPORT_PAGE_ROWS, read as they are consumed."""
 
     user: UserRecord | None
-    decisions: list[DecisionRecord]
+    pages: AsyncIterator[list[DecisionRecord]]
+
+
+# An export holds at most this many decisions in memory at once: with the largest
+# /score (OO_MAX_CANDIDATES candidates) that is a few MB, whatever the retention.
+EXPORT_PAGE_ROWS = 16
+# Exports run at once per process; more wait for a slot (within the write deadline).
+# Each holds a snapshot and, on PostgreSQL, a pooled connection for as long as it streams.
+EXPORTS_AT_ONCE = 2
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -116,9 +129,10 @@ class RewardWrite:
 
 @dataclass(frozen=True, slots=True)
 class DecisionLookup:
-    """Which decision a reward is about: by event_id, or the latest one for tip_id."""
+    """Which decision a reward is about: by event_id, or else the latest one for tip_id
+    (one of the two is given)."""
 
-    tip_id: str
+    tip_id: str | None
     event_id: str | None
 
 
@@ -154,14 +168,19 @@ class Store(Protocol):
     async def history(self, user_id: str, limit: int) -> list[HistoryEntry]:
         """The user's last `limit` decisions, oldest first."""
 
-    async def export_user(self, user_id: str) -> UserExport:
-        """The user's model row and every retained decision, oldest first, one snapshot."""
+    def export_user(self, user_id: str) -> AbstractAsyncContextManager[UserExport]:
+        """The user's model row and every retained decision, oldest first, one snapshot
+        held until the context exits. Raises StoreBusy when too many exports run."""
 
     async def prune_decisions(self, older_than_ms: int, batch_size: int) -> int:
         """Delete up to batch_size decisions logged before older_than_ms; how many.
 
         One short transaction: call it until it returns 0 to prune everything.
         """
+
+    async def check(self) -> CheckReport:
+        """Read every model and decision, in bounded pages and without a write lock, and
+        report each broken invariant (oo_serving.check). Safe while serving."""
 
 
 USER_COLUMNS = "policy, a_inv, b, pulls, reward_count, cumulative_reward, last_updated_ms"
@@ -227,3 +246,30 @@ def encode_array(a: Matrix | Vector) -> bytes:
 def decode_array(raw: bytes, shape: tuple[int, ...]) -> Matrix:
     """The inverse of encode_array; a fresh, writable array."""
     return np.frombuffer(raw, dtype="<f8").reshape(shape).astype(np.float64)
+
+
+class Slots:
+    """At most `size` holders at once; a caller waits at most `timeout_s` for a slot,
+    then StoreBusy. For work that holds a scarce resource for long (an export)."""
+
+    def __init__(self, size: int, timeout_s: float, what: str) -> None:
+        self._size = size
+        self._timeout_s = timeout_s
+        self._what = what
+        self._semaphore: asyncio.Semaphore | None = None  # made on the serving loop
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self._size)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._semaphore.acquire()
+        except TimeoutError as exc:
+            raise StoreBusy(
+                f"{self._size} {self._what} are already running in this process; retry"
+            ) from exc
+        try:
+            yield
+        finally:
+            self._semaphore.release()

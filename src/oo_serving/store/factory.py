@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from oo_serving.redact import redact_url
 from oo_serving.settings import Settings
 from oo_serving.store.base import Store
 from oo_serving.store.postgres import PostgresStore, is_postgres_url
@@ -27,6 +28,6 @@ def open_store(settings: Settings) -> Store:
             statement_timeout_ms=settings.pg_statement_timeout_ms,
         )
     raise ValueError(
-        f"unsupported database URL {url!r}: use sqlite:///path/to/file.db"
+        f"unsupported database URL {redact_url(url)!r}: use sqlite:///path/to/file.db"
         " or postgresql://user@host:port/dbname"
     )

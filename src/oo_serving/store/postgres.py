@@ -12,6 +12,18 @@ across connections and replicas; the lock is held from step 1 to COMMIT. A user'
 request inserts a row with no model (`a_inv` NULL) before locking it, so two first
 requests for a new user serialise too. Other users never wait.
 
+Erasure takes part in the same order: its DELETE of the user's row waits for the row
+lock, and deletes the decisions in a later statement, which sees what the write before
+it committed. A write whose row was erased between its INSERT and its lock finds no row
+to lock; it then makes the row again and locks that, in the same transaction, so it is
+ordered after the erasure and starts a fresh user. Every statement that must change one
+row fails the transaction if it changed none, so nothing is acknowledged that is not
+stored.
+
+Deadline. The wait for this user's earlier writes in this process, the wait for a pooled
+connection and both round trips count against one deadline (`pool_timeout_s` + twice
+`statement_timeout_ms` + 1 s); past it the answer is 503 and nothing was written.
+
 Failures. A connection that breaks in step 1 has committed nothing, so the transaction
 is retried once on a fresh connection. Any other database failure, a pool that cannot
 hand out a connection within `pool_timeout_s`, or a statement or lock wait past
@@ -24,8 +36,8 @@ connections by itself, so the service recovers when the database returns.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, TypeVar
 
 import psycopg
@@ -33,18 +45,24 @@ import psycopg.errors
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
+from oo_serving.check import CheckReport
 from oo_serving.errors import SchemaTooNew, StoreBusy, StoreUnavailable
-from oo_serving.store import migrations
+from oo_serving.redact import redact_url
+from oo_serving.store import consistency, migrations
 from oo_serving.store.base import (
     DECISION_COLUMNS,
+    EXPORT_PAGE_ROWS,
+    EXPORTS_AT_ONCE,
     REF_COLUMNS,
     USER_COLUMNS,
     DecisionLookup,
+    DecisionRecord,
     HistoryEntry,
     RewardFn,
     RewardWrite,
     ScoreFn,
     ScoreWrite,
+    Slots,
     UserExport,
     UserRecord,
     decision_from_row,
@@ -60,10 +78,24 @@ Row = tuple[Any, ...]
 
 _ENSURE_USER = "INSERT INTO user_model (user_id) VALUES (%s) ON CONFLICT (user_id) DO NOTHING"
 _LOCK_USER = f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = %s FOR UPDATE"
+# A statement that must change exactly one row divides by the rows it changed, so that
+# changing none fails the transaction inside the pipeline, before its COMMIT can run.
 _UPDATE_USER = """
-UPDATE user_model SET policy = %s, a_inv = %s, b = %s, pulls = %s, reward_count = %s,
-    cumulative_reward = %s, last_updated_ms = %s
-WHERE user_id = %s
+WITH changed AS (
+    UPDATE user_model SET policy = %s, a_inv = %s, b = %s, pulls = %s, reward_count = %s,
+        cumulative_reward = %s, last_updated_ms = %s
+    WHERE user_id = %s
+    RETURNING 1
+)
+SELECT 1 / count(*) FROM changed
+"""
+_MARK_REWARDED = """
+WITH changed AS (
+    UPDATE decision SET reward = %s, rewarded_ms = %s
+    WHERE user_id = %s AND event_id = %s AND reward IS NULL
+    RETURNING 1
+)
+SELECT 1 / count(*) FROM changed
 """
 _INSERT_DECISION = """
 INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score, policy,
@@ -113,6 +145,7 @@ class PostgresStore:
         # time-out can act: the wait for a connection plus two statements, and a margin.
         self._deadline_s = pool_timeout_s + 2 * statement_timeout_ms / 1000 + 1.0
         self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._exports = Slots(EXPORTS_AT_ONCE, self._deadline_s, "exports")
         self._pool = AsyncConnectionPool(
             conninfo=dsn,
             min_size=pool_min_size,
@@ -149,8 +182,13 @@ class PostgresStore:
         await self._pool.close()
 
     async def ping(self) -> None:
+        """The database answers and takes writes (a standby in recovery does not)."""
+
         async def query(conn: Conn) -> None:
-            await conn.execute("SELECT 1")
+            cur = await conn.execute("SELECT pg_is_in_recovery()")
+            row = await cur.fetchone()
+            if row is None or row[0]:
+                raise StoreUnavailable("the database is read-only (a standby in recovery)")
 
         await self._run(query)
 
@@ -207,10 +245,10 @@ class PostgresStore:
                 await conn.execute("COMMIT")
             return write
 
-        async with self._user_turn(user_id):
-            return await self._run_tx(body)
+        return await self._user_write(user_id, body)
 
     async def reward_tx(self, user_id: str, lookup: DecisionLookup, fn: RewardFn) -> RewardWrite:
+        find_ref: tuple[str, tuple[Any, ...]]
         if lookup.event_id is not None:
             find_ref = (_REF_BY_EVENT, (user_id, lookup.event_id))
         else:
@@ -227,20 +265,19 @@ class PostgresStore:
                     await conn.execute(_UPDATE_USER, _update_params(write.user))
                 if write.reward_event is not None:
                     await conn.execute(
-                        "UPDATE decision SET reward = %s, rewarded_ms = %s"
-                        " WHERE user_id = %s AND event_id = %s AND reward IS NULL",
-                        (write.reward, write.ts_ms, user_id, write.reward_event),
+                        _MARK_REWARDED, (write.reward, write.ts_ms, user_id, write.reward_event)
                     )
                 await conn.execute("COMMIT")
             return write
 
-        async with self._user_turn(user_id):
-            return await self._run_tx(body)
+        return await self._user_write(user_id, body)
 
     async def delete_user(self, user_id: str) -> bool:
         async def body(conn: Conn) -> bool:
             async with conn.pipeline():
                 await conn.execute("BEGIN")
+                # First the row: this waits for the row lock of a write in flight, so the
+                # decisions statement after it sees that write's decision, and deletes it.
                 models = await conn.execute("DELETE FROM user_model WHERE user_id = %s", (user_id,))
                 decisions = await conn.execute(
                     "DELETE FROM decision WHERE user_id = %s", (user_id,)
@@ -248,7 +285,7 @@ class PostgresStore:
                 await conn.execute("COMMIT")
             return bool(models.rowcount or decisions.rowcount)
 
-        return await self._run_tx(body)
+        return await self._user_write(user_id, body)
 
     async def prune_decisions(self, older_than_ms: int, batch_size: int) -> int:
         async def delete(conn: Conn) -> int:
@@ -287,25 +324,61 @@ class PostgresStore:
 
         return await self._run(query)
 
-    async def export_user(self, user_id: str) -> UserExport:
-        async def query(conn: Conn) -> UserExport:
-            async with conn.transaction():
-                # One snapshot for both reads: a write in between shows in neither.
-                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                cur = await conn.execute(
-                    f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = %s", (user_id,)
-                )
-                user = user_from_row(user_id, await cur.fetchone())
-                cur = await conn.execute(
-                    f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = %s ORDER BY seq",
-                    (user_id,),
-                )
-                rows = await cur.fetchall()
-            return UserExport(user, [decision_from_row(r, r[5], r[11]) for r in rows])
+    @asynccontextmanager
+    async def export_user(self, user_id: str) -> AsyncIterator[UserExport]:
+        # One snapshot (REPEATABLE READ) read through a server-side cursor, a page at a
+        # time; the pooled connection is held while the export streams, hence the slots.
+        async with self._exports.slot():
+            with _mapped_errors(self._deadline_s):
+                async with asyncio.timeout(self._deadline_s):
+                    conn_cm = self._pool.connection()
+                    conn = await conn_cm.__aenter__()
+            rows = conn.cursor(name="oo_export")
+            try:
+                with _mapped_errors(self._deadline_s):
+                    async with asyncio.timeout(self._deadline_s):
+                        await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                        cur = await conn.execute(
+                            f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = %s",
+                            (user_id,),
+                        )
+                        user = user_from_row(user_id, await cur.fetchone())
+                        await rows.execute(
+                            f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = %s"
+                            " ORDER BY seq",
+                            (user_id,),
+                        )
 
-        return await self._run(query)
+                async def pages() -> AsyncIterator[list[DecisionRecord]]:
+                    while True:
+                        with _mapped_errors(self._deadline_s):
+                            async with asyncio.timeout(self._deadline_s):
+                                batch = await rows.fetchmany(EXPORT_PAGE_ROWS)
+                        if not batch:
+                            return
+                        yield [decision_from_row(r, r[5], r[11]) for r in batch]
+
+                yield UserExport(user, pages())
+            finally:
+                with suppress(Exception):  # the pool discards a connection left in error
+                    await rows.close()
+                    if not conn.broken:
+                        await conn.execute("ROLLBACK")
+                await conn_cm.__aexit__(None, None, None)
 
     # ── plumbing ─────────────────────────────────────────────────────────────
+    async def _user_write(self, user_id: str, body: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run a write of user_id's: its turn in this process, then the transaction, all
+        within one deadline."""
+        try:
+            async with asyncio.timeout(self._deadline_s), self._user_turn(user_id):
+                return await self._run_tx(body)
+        except TimeoutError as exc:
+            raise StoreBusy(
+                f"this user's write did not finish within {self._deadline_s:g}s: earlier"
+                " writes of the same user, or the database, held it up"
+            ) from exc
+
     @asynccontextmanager
     async def _user_turn(self, user_id: str) -> AsyncIterator[None]:
         """One write per user at a time in this process; the others wait here.
@@ -329,23 +402,9 @@ class PostgresStore:
 
     async def _run(self, body: Callable[[Conn], Awaitable[T]]) -> T:
         """Run body on a pooled connection; database failures become service errors."""
-        try:
+        with _mapped_errors(self._deadline_s):
             async with asyncio.timeout(self._deadline_s), self._pool.connection() as conn:
                 return await body(conn)
-        except TimeoutError as exc:
-            raise StoreUnavailable(
-                f"the database did not answer within {self._deadline_s:.0f}s"
-            ) from exc
-        except PoolTimeout as exc:
-            raise StoreUnavailable("no database connection could be had in time") from exc
-        except PoolClosed as exc:
-            raise StoreUnavailable("the store is closed") from exc
-        except _RetrySafe as exc:
-            raise StoreUnavailable(f"the database connection broke: {exc}") from exc
-        except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
-            raise StoreBusy(f"the database did not answer in time: {exc}") from exc
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"the database failed: {exc}") from exc
 
     async def _run_tx(self, body: Callable[[Conn], Awaitable[T]]) -> T:
         """As _run, rolling back on any error, and retrying once a break before writing."""
@@ -365,8 +424,32 @@ class PostgresStore:
                 raise
         return await self._run(guarded)
 
+    # ── consistency check (`oo-serving check`): reads only ───────────────────
+    async def check(self) -> CheckReport:
+        """Every row against the service's invariants.
+
+        Each page and each cross-table check is one autocommit SELECT: its own snapshot,
+        no row lock, nothing held between statements. Every statement must finish within
+        the store's statement timeout; `oo-serving check` opens its store with a long one.
+        """
+        report = CheckReport(backend=self.backend, database=redact_url(self.dsn))
+        report.skipped["integrity_check"] = (
+            "PostgreSQL has no equivalent of SQLite's; pg_amcheck checks its indexes and heap"
+        )
+
+        async def fetch(statement: str, params: tuple[Any, ...]) -> list[Row]:
+            async def query(conn: Conn) -> list[Row]:
+                cur = await conn.execute(statement, params)
+                return await cur.fetchall()
+
+            return await self._run(query)
+
+        await consistency.scan(report, fetch, consistency.POSTGRES)
+        return report
+
 
 _IDLE = psycopg.pq.TransactionStatus.IDLE
+_LOCK_ATTEMPTS = 5
 
 
 async def _begin_and_lock(
@@ -377,20 +460,48 @@ async def _begin_and_lock(
 
     A connection that breaks here has committed nothing: the failure is marked safe to retry.
     """
+    begin = True
+    for _ in range(_LOCK_ATTEMPTS):
+        try:
+            async with conn.pipeline() as p:
+                if begin:
+                    await conn.execute("BEGIN")
+                await conn.execute(_ENSURE_USER, (user_id,))
+                user_cur = await conn.execute(_LOCK_USER, (user_id,))
+                also_cur = await conn.execute(*also) if also is not None else None
+                await p.sync()
+            user_row = await user_cur.fetchone()
+            also_row = await also_cur.fetchone() if also_cur is not None else None
+        except psycopg.OperationalError as exc:
+            if conn.broken:
+                raise _RetrySafe(str(exc)) from exc
+            raise
+        if user_row is not None:
+            return user_row, also_row
+        # The row was erased between our INSERT and our lock: make it again, and lock it.
+        begin = False
+    raise StoreBusy("the user was erased again and again while this write waited; retry")
+
+
+@contextmanager
+def _mapped_errors(deadline_s: float) -> Iterator[None]:
+    """Database failures, and a call past its deadline, as the service's errors."""
     try:
-        async with conn.pipeline() as p:
-            await conn.execute("BEGIN")
-            await conn.execute(_ENSURE_USER, (user_id,))
-            user_cur = await conn.execute(_LOCK_USER, (user_id,))
-            also_cur = await conn.execute(*also) if also is not None else None
-            await p.sync()
-        user_row = await user_cur.fetchone()
-        also_row = await also_cur.fetchone() if also_cur is not None else None
-    except psycopg.OperationalError as exc:
-        if conn.broken:
-            raise _RetrySafe(str(exc)) from exc
-        raise
-    return user_row, also_row
+        yield
+    except TimeoutError as exc:
+        raise StoreUnavailable(f"the database did not answer within {deadline_s:.0f}s") from exc
+    except PoolTimeout as exc:
+        raise StoreUnavailable("no database connection could be had in time") from exc
+    except PoolClosed as exc:
+        raise StoreUnavailable("the store is closed") from exc
+    except _RetrySafe as exc:
+        raise StoreUnavailable(f"the database connection broke: {exc}") from exc
+    except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+        raise StoreBusy(f"the database did not answer in time: {exc}") from exc
+    except psycopg.errors.DivisionByZero as exc:  # a row that had to change did not
+        raise StoreUnavailable("a row the write had to change was not there") from exc
+    except psycopg.Error as exc:
+        raise StoreUnavailable(f"the database failed: {exc}") from exc
 
 
 def _update_params(u: UserRecord) -> tuple[Any, ...]:

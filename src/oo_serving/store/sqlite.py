@@ -13,6 +13,14 @@ Durability. A write is acknowledged only after the COMMIT of its batch returns. 
 synchronous=FULL (the default) the WAL is fsynced at every commit, so an acknowledged
 write survives `kill -9` and power loss; with NORMAL it survives a process crash but the
 last commits may be lost on power loss.
+
+Deadlines. A write waits at most `busy_timeout_ms` in all: in this process's queue, for
+the `flock` (another worker, a `prune`, a stopped process may hold it) and for SQLite's
+own lock. A write still queued at its deadline is withdrawn and answered 503 (StoreBusy)
+with nothing written: the writer thread claims a write before running it, and a claimed
+write is never withdrawn, so a 503 always means "not written". A failed BEGIN, statement
+or COMMIT rolls the transaction back and drops the connection, so a fault (a full disk, an
+I/O error) never leaves the write lock held; the next batch opens a new connection.
 """
 
 from __future__ import annotations
@@ -24,27 +32,34 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
 
+from oo_serving.check import CheckReport
 from oo_serving.errors import SchemaTooNew, StoreBusy, StoreUnavailable
-from oo_serving.store import migrations
+from oo_serving.store import consistency, migrations
 from oo_serving.store.base import (
     DECISION_COLUMNS,
+    EXPORT_PAGE_ROWS,
+    EXPORTS_AT_ONCE,
     REF_COLUMNS,
     USER_COLUMNS,
     DecisionLookup,
+    DecisionRecord,
     HistoryEntry,
     RewardFn,
     RewardWrite,
     ScoreFn,
     ScoreWrite,
+    Slots,
     UserExport,
     UserRecord,
     decision_from_row,
@@ -110,6 +125,7 @@ class SQLiteStore:
         self._connections_lock = threading.Lock()
         self._writer: _GroupCommitWriter | None = None
         self._readers: ThreadPoolExecutor | None = None
+        self._exports = Slots(EXPORTS_AT_ONCE, busy_timeout_ms / 1000, "exports")
 
     # ── lifecycle ────────────────────────────────────────────────────────────
     async def open(self) -> None:
@@ -117,7 +133,7 @@ class SQLiteStore:
         self._readers = ThreadPoolExecutor(self._read_threads, thread_name_prefix="oo-sqlite-read")
         await asyncio.get_running_loop().run_in_executor(self._readers, self.migrate)
         self._writer = _GroupCommitWriter(
-            self._connection, self.path.with_name(self.path.name + ".writelock")
+            self._new_connection, self.lock_path, self._busy_timeout_ms / 1000
         )
 
     async def close(self) -> None:
@@ -132,8 +148,16 @@ class SQLiteStore:
                 conn.close()
             self._connections.clear()
 
+    @property
+    def lock_path(self) -> Path:
+        """The file whose `flock` queues the writers of every process."""
+        return self.path.with_name(self.path.name + ".writelock")
+
     async def ping(self) -> None:
+        """Reads answer, and a write could start now: the writer thread is alive and takes
+        the write lock (flock and BEGIN IMMEDIATE) within the deadline."""
         await self._read(lambda conn: conn.execute("SELECT 1").fetchone())
+        await self._write(lambda conn: None)
 
     def migrate(self) -> list[int]:
         """Apply pending migrations now, on the calling thread; the versions applied.
@@ -142,7 +166,14 @@ class SQLiteStore:
         immediate transaction. Raises SchemaTooNew for a schema newer than this release.
         """
         with _mapped_errors():
-            return self._migrate(self._connection())
+            conn = self._new_connection(create=True)
+            try:
+                return self._migrate(conn)
+            finally:
+                conn.close()
+
+    def _schema_version(self, conn: sqlite3.Connection) -> int:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
     # ── transactions ─────────────────────────────────────────────────────────
     async def score_tx(self, user_id: str, fn: ScoreFn) -> ScoreWrite:
@@ -184,27 +215,45 @@ class SQLiteStore:
 
         return await self._write(delete)
 
-    async def export_user(self, user_id: str) -> UserExport:
-        def query(conn: sqlite3.Connection) -> UserExport:
-            with _transaction(conn, "DEFERRED"):  # both reads see one snapshot
-                user = _load_user(conn, user_id)
-                rows = conn.execute(
-                    f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = ? ORDER BY seq",
-                    (user_id,),
-                ).fetchall()
-            decisions = [
-                decision_from_row(r, orjson.loads(r[5]), orjson.loads(r[11])) for r in rows
-            ]
-            return UserExport(user, decisions)
+    @asynccontextmanager
+    async def export_user(self, user_id: str) -> AsyncIterator[UserExport]:
+        # A connection of its own holds the snapshot; each page is read by a short task
+        # on the reader threads, so an export being streamed occupies none of them.
+        async with self._exports.slot():
+            conn = await self._read(lambda _: self._new_connection())
+            try:
 
-        return await self._read(query)
+                def begin(_: sqlite3.Connection) -> tuple[UserRecord | None, sqlite3.Cursor]:
+                    conn.execute("BEGIN DEFERRED")
+                    user = _load_user(conn, user_id)  # the first read fixes the snapshot
+                    cursor = conn.execute(
+                        f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = ? ORDER BY seq",
+                        (user_id,),
+                    )
+                    return user, cursor
+
+                user, cursor = await self._read(begin)
+
+                def page(_: sqlite3.Connection) -> list[DecisionRecord]:
+                    rows = cursor.fetchmany(EXPORT_PAGE_ROWS)
+                    return [
+                        decision_from_row(r, orjson.loads(r[5]), orjson.loads(r[11])) for r in rows
+                    ]
+
+                async def pages() -> AsyncIterator[list[DecisionRecord]]:
+                    while batch := await self._read(page):
+                        yield batch
+
+                yield UserExport(user, pages())
+            finally:
+                await asyncio.get_running_loop().run_in_executor(None, conn.close)
 
     # ── the write bodies, run on the writer thread inside BEGIN IMMEDIATE ────
     def _score(self, user_id: str, fn: ScoreFn, conn: sqlite3.Connection) -> ScoreWrite:
         write = fn(_load_user(conn, user_id))
         _put_user(conn, write.user)
         d = write.decision
-        conn.execute(
+        inserted = conn.execute(
             _INSERT_DECISION,
             (
                 d.user_id,
@@ -221,7 +270,8 @@ class SQLiteStore:
                 orjson.dumps(d.candidate_ids).decode(),
                 encode_array(d.candidate_X),
             ),
-        )
+        ).rowcount
+        _expect_one(inserted, "log the decision")
         conn.execute(
             "DELETE FROM decision WHERE user_id = ? AND seq < ?", (user_id, write.keep_from_seq)
         )
@@ -245,11 +295,12 @@ class SQLiteStore:
         if write.user is not None:
             _put_user(conn, write.user)
         if write.reward_event is not None:
-            conn.execute(
+            marked = conn.execute(
                 "UPDATE decision SET reward = ?, rewarded_ms = ?"
                 " WHERE user_id = ? AND event_id = ? AND reward IS NULL",
                 (write.reward, write.ts_ms, user_id, write.reward_event),
-            )
+            ).rowcount
+            _expect_one(marked, "mark the decision rewarded")
         return write
 
     def _delete_user(self, user_id: str, conn: sqlite3.Connection) -> bool:
@@ -260,38 +311,57 @@ class SQLiteStore:
     def _migrate(self, conn: sqlite3.Connection) -> list[int]:
         known = migrations.load("sqlite")
         latest = known[-1].version if known else 0
-        conn.execute("PRAGMA journal_mode = WAL")
-        applied: list[int] = []
-        with _transaction(conn):
-            current = conn.execute("PRAGMA user_version").fetchone()[0]
-            if current > latest:
-                raise SchemaTooNew(
-                    f"the database {self.path} has schema version {current}, newer than"
-                    f" {latest}, the newest this release knows; upgrade oo-serving"
-                )
-            for migration in known[current:]:
-                for statement in _statements(migration.sql):
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {migration.version}")
-                applied.append(migration.version)
-        return applied
+        # A worker (re)started while the others write finds the schema current: it reads
+        # and takes no lock, so it cannot time out behind their writes.
+        if self._schema_version(conn) == latest and _journal_mode(conn) == "wal":
+            return []
+        with _flock(self.lock_path, self._busy_timeout_ms / 1000):
+            if _journal_mode(conn) != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            applied: list[int] = []
+            with _transaction(conn):
+                current = self._schema_version(conn)
+                if current > latest:
+                    raise SchemaTooNew(
+                        f"the database {self.path} has schema version {current}, newer than"
+                        f" {latest}, the newest this release knows; upgrade oo-serving"
+                    )
+                for migration in known[current:]:
+                    for statement in _statements(migration.sql):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {migration.version}")
+                    applied.append(migration.version)
+            return applied
 
     # ── plumbing ─────────────────────────────────────────────────────────────
     def _connection(self) -> sqlite3.Connection:
         """This thread's connection, made on first use."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self._busy_timeout_ms / 1000,
-                isolation_level=None,  # we issue BEGIN/COMMIT ourselves
-                check_same_thread=False,  # each is used by one thread; closed after it ends
-            )
-            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-            conn.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
+            conn = self._new_connection()
             self._local.conn = conn
             with self._connections_lock:
                 self._connections.append(conn)
+        return conn
+
+    def _new_connection(self, create: bool = False) -> sqlite3.Connection:
+        """A connection of the caller's own (the writer keeps one, and replaces it after
+        a failure). Only `migrate` creates the file: a database deleted under a running
+        server is an error, never silently replaced by an empty one."""
+        mode = "rwc" if create else "rw"
+        conn = sqlite3.connect(
+            f"file:{urllib.parse.quote(str(self.path))}?mode={mode}",
+            uri=True,
+            timeout=self._busy_timeout_ms / 1000,
+            isolation_level=None,  # we issue BEGIN/COMMIT ourselves
+            check_same_thread=False,  # each is used by one thread at a time
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
+        except BaseException:
+            conn.close()
+            raise
         return conn
 
     async def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
@@ -309,11 +379,42 @@ class SQLiteStore:
         with _mapped_errors():
             return body(self._connection())
 
+    # ── consistency check (`oo-serving check`): reads only ───────────────────
+    async def check(self) -> CheckReport:
+        """Every row against the service's invariants, then `PRAGMA integrity_check`.
 
-@dataclass(frozen=True, slots=True)
+        Each page is one statement on a reader connection, so one WAL snapshot each and
+        never the write lock. A file SQLite finds corrupt while reading is reported as a
+        violation (sqlite_unreadable), not as a database that cannot be opened.
+        """
+        report = CheckReport(backend=self.backend, database=str(self.path))
+
+        async def fetch(statement: str, params: tuple[Any, ...]) -> list[Any]:
+            return await self._read(lambda conn: conn.execute(statement, params).fetchall())
+
+        try:
+            # Up to 100 messages (SQLite's default), or the single row "ok".
+            messages = [str(row[0]) for row in await fetch("PRAGMA integrity_check", ())]
+            if messages == ["ok"]:
+                report.integrity = "ok"
+            else:
+                report.add("sqlite_integrity", len(messages), messages)
+            await consistency.scan(report, fetch, consistency.SQLITE)
+        except StoreUnavailable as exc:
+            if getattr(exc.__cause__, "sqlite_errorname", None) != "SQLITE_CORRUPT":
+                raise
+            report.add("sqlite_unreadable", 1, [str(exc.__cause__)], "the check stopped there")
+        return report
+
+
+_PENDING, _CLAIMED, _WITHDRAWN = 0, 1, 2
+
+
+@dataclass(slots=True, eq=False)
 class _Job:
     body: Callable[[sqlite3.Connection], Any]
     future: asyncio.Future[Any]
+    state: int = _PENDING  # changed only under the writer's claim lock
 
 
 class _GroupCommitWriter:
@@ -325,30 +426,64 @@ class _GroupCommitWriter:
     caller is answered only after it. Between processes, an exclusive `flock` on a lock
     file beside the database queues the writers in the kernel, which wakes the next one
     at once; SQLite's own busy handler would poll with sleeps of up to 100 ms.
+
+    The flock has no time-out of its own, so the deadline is kept on the other side: a
+    timer withdraws a write that is still pending when its time is up, and the thread,
+    once it holds the lock, claims only the writes not withdrawn. Claim and withdrawal
+    are decided under one lock, so each write is either run or answered 503, never both.
+    The thread survives any failure of a batch; should it end all the same, every later
+    write is refused at once and `ping` (so /ready) fails.
     """
 
     MAX_BATCH = 128
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection], lock_path: Path) -> None:
+    def __init__(
+        self, connect: Callable[[], sqlite3.Connection], lock_path: Path, timeout_s: float
+    ) -> None:
         self._connect = connect
         self._lock_path = lock_path
+        self._timeout_s = timeout_s
+        self._claims = threading.Lock()
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="oo-sqlite-write", daemon=True)
         self._thread.start()
 
     async def submit(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put(_Job(body, future))
-        return await future
+        if not self._thread.is_alive():
+            raise StoreUnavailable("the database writer has stopped; restart the server")
+        loop = asyncio.get_running_loop()
+        job = _Job(body, loop.create_future())
+        self._queue.put(job)
+        timer = loop.call_later(self._timeout_s, self._withdraw, job)
+        try:
+            return await job.future  # type: ignore[no-any-return]
+        finally:
+            timer.cancel()
+            if job.future.cancelled():  # the caller gave up: do not run it later
+                self._withdraw(job)
+
+    def _withdraw(self, job: _Job) -> None:
+        with self._claims:
+            if job.state != _PENDING:
+                return  # claimed: it runs, and its caller waits for the outcome
+            job.state = _WITHDRAWN
+        if not job.future.done():
+            job.future.set_exception(
+                StoreBusy(
+                    f"the database write lock could not be had within {self._timeout_s:g}s"
+                    " (OO_SQLITE_BUSY_TIMEOUT_MS); nothing was written"
+                )
+            )
 
     def stop(self) -> None:
-        """Commit what is queued, then end the thread."""
+        """Commit what is queued, then end the thread (waiting at most a deadline more:
+        a lock held elsewhere must not hold up the shutdown)."""
         self._queue.put(None)
-        self._thread.join()
+        self._thread.join(self._timeout_s + 1.0)
 
     def _run(self) -> None:
-        conn = self._connect()
-        lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        conn: sqlite3.Connection | None = None
+        lock_fd: int | None = None
         try:
             stopping = False
             while not stopping:
@@ -365,32 +500,81 @@ class _GroupCommitWriter:
                         stopping = True
                         break
                     batch.append(more)
-                self._commit(conn, lock_fd, batch)
-        finally:
-            os.close(lock_fd)
-
-    def _commit(self, conn: sqlite3.Connection, lock_fd: int, batch: list[_Job]) -> None:
-        outcomes: list[tuple[bool, Any]] = []
-        try:
-            with _mapped_errors():
-                fcntl.flock(lock_fd, fcntl.LOCK_EX)
                 try:
-                    with _transaction(conn):
+                    if lock_fd is None:
+                        lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+                    if conn is None:
+                        conn = self._connect()
+                except Exception as exc:
+                    _answer(batch, [(False, _as_store_error(exc))] * len(batch))
+                    continue
+                try:
+                    ok = self._commit(conn, lock_fd, batch)
+                except Exception as exc:  # unforeseen (the flock itself failed): keep going
+                    with self._claims:
                         for job in batch:
-                            outcomes.append(_in_savepoint(conn, job.body))
-                finally:
-                    fcntl.flock(lock_fd, fcntl.LOCK_UN)
-        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is stored
-            outcomes = [(False, exc)] * len(batch)
-        # One wake-up per event loop for the whole batch, not one per write.
-        by_loop: dict[
-            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], tuple[bool, Any]]]
-        ] = {}
-        for job, outcome in zip(batch, outcomes, strict=True):
-            by_loop.setdefault(job.future.get_loop(), []).append((job.future, outcome))
-        for loop, settled in by_loop.items():
-            with suppress(RuntimeError):  # that loop has closed: nobody is waiting
-                loop.call_soon_threadsafe(_settle, settled)
+                            if job.state == _PENDING:
+                                job.state = _CLAIMED
+                    claimed = [job for job in batch if job.state == _CLAIMED]
+                    _answer(claimed, [(False, _as_store_error(exc))] * len(claimed))
+                    ok = False
+                if not ok:
+                    conn.close()  # after a failed batch, start again on a fresh connection
+                    conn = None
+        finally:
+            if conn is not None:
+                conn.close()
+            if lock_fd is not None:
+                os.close(lock_fd)
+
+    def _claim(self, batch: list[_Job]) -> list[_Job]:
+        with self._claims:
+            live = [job for job in batch if job.state == _PENDING]
+            for job in live:
+                job.state = _CLAIMED
+        return live
+
+    def _commit(self, conn: sqlite3.Connection, lock_fd: int, batch: list[_Job]) -> bool:
+        """Run the batch's live writes in one transaction; False if the batch failed."""
+        outcomes: list[tuple[bool, Any]] = []
+        ok = True
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        try:
+            batch = self._claim(batch)
+            if not batch:
+                return True
+            try:
+                with _mapped_errors(), _transaction(conn):
+                    for job in batch:
+                        outcomes.append(_in_savepoint(conn, job.body))
+            except Exception as exc:  # BEGIN, a rollback or COMMIT failed: nothing is stored
+                outcomes = [(False, _as_store_error(exc))] * len(batch)
+                ok = False
+        finally:
+            fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        _answer(batch, outcomes)
+        return ok
+
+
+def _as_store_error(exc: Exception) -> Exception:
+    """A failure outside any write's own body, as the service error its callers get."""
+    if isinstance(exc, (StoreBusy, StoreUnavailable)):
+        return exc
+    error = StoreUnavailable(f"the database failed: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _answer(batch: list[_Job], outcomes: list[tuple[bool, Any]]) -> None:
+    """Settle each job's future on its own loop: one wake-up per loop for the batch."""
+    by_loop: dict[
+        asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], tuple[bool, Any]]]
+    ] = {}
+    for job, outcome in zip(batch, outcomes, strict=True):
+        by_loop.setdefault(job.future.get_loop(), []).append((job.future, outcome))
+    for loop, settled in by_loop.items():
+        with suppress(RuntimeError):  # that loop has closed: nobody is waiting
+            loop.call_soon_threadsafe(_settle, settled)
 
 
 def _in_savepoint(
@@ -414,7 +598,7 @@ def _in_savepoint(
 
 def _settle(settled: list[tuple[asyncio.Future[Any], tuple[bool, Any]]]) -> None:
     for future, (ok, value) in settled:
-        if future.cancelled():
+        if future.done():  # cancelled by its caller
             continue
         if ok:
             future.set_result(value)
@@ -431,11 +615,14 @@ def _transaction(conn: sqlite3.Connection, mode: str = "IMMEDIATE") -> Iterator[
     conn.execute(f"BEGIN {mode}")
     try:
         yield
+        conn.execute("COMMIT")
     except BaseException:
+        # Also after a failed COMMIT (a full disk, an I/O error), which leaves the
+        # transaction open and the write lock held.
         if conn.in_transaction:
-            conn.execute("ROLLBACK")
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 @contextmanager
@@ -475,4 +662,39 @@ def _load_user(conn: sqlite3.Connection, user_id: str) -> UserRecord | None:
 
 
 def _put_user(conn: sqlite3.Connection, u: UserRecord) -> None:
-    conn.execute(_UPSERT_USER, user_params(u))
+    _expect_one(conn.execute(_UPSERT_USER, user_params(u)).rowcount, "write the user's model")
+
+
+def _expect_one(changed: int, what: str) -> None:
+    """Every write checks the rows it changed: anything but one undoes the write."""
+    if changed != 1:
+        raise StoreUnavailable(f"could not {what}: {changed} rows changed instead of 1")
+
+
+def _journal_mode(conn: sqlite3.Connection) -> str:
+    return str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+
+
+@contextmanager
+def _flock(path: Path, timeout_s: float) -> Iterator[None]:
+    """Hold the writers' flock, waiting at most timeout_s (polled: only migrations, which
+    are rare, take this path; the writer thread waits in the kernel)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise StoreBusy(
+                        f"the database write lock could not be had within {timeout_s:g}s"
+                    ) from None
+                time.sleep(0.01)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

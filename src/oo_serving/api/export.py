@@ -1,0 +1,107 @@
+"""`GET /users/{user_id}/export`, streamed: bounded memory whatever the retention.
+
+The answer is the JSON object that `ExportResponse` describes, written as it is read: the
+head (user id, time, model), then the decisions one page of the store's snapshot at a
+time, then the closing brackets. At most one page of decisions is in memory. The status
+(200) is sent before the first page is read, so a database failure in the middle cuts the
+answer short: the body is then not valid JSON, which a client must treat as a failure.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from oo_serving.api.schemas import CandidateFeatures, format_ts_ms
+from oo_serving.core.linucb import LinUCBState
+from oo_serving.service import now_ms
+from oo_serving.store.base import DecisionRecord, UserExport, UserRecord
+
+
+def model_json(user: UserRecord | None) -> dict[str, Any] | None:
+    if user is None:
+        return None
+    return {
+        "policy": user.policy,
+        "pulls": user.pulls,
+        "reward_count": user.reward_count,
+        "cumulative_reward": user.cumulative_reward,
+        "theta": LinUCBState(A_inv=user.A_inv, b=user.b).theta.tolist(),
+        "A_inv": user.A_inv.tolist(),
+        "b": user.b.tolist(),
+        "last_updated": format_ts_ms(user.last_updated_ms),
+    }
+
+
+def decision_json(d: DecisionRecord) -> dict[str, Any]:
+    """One decision as `ExportedDecision` states it (the same keys, in the same order)."""
+    return {
+        "event_id": d.event_id,
+        "seq": d.seq,
+        "ts": format_ts_ms(d.ts_ms),
+        "tip_id": d.tip_id,
+        "features": _in_schema_order(d.features),
+        "x": d.x.tolist(),
+        "score": d.score,
+        "policy": d.policy,
+        "propensity": d.propensity,
+        "model_version": d.model_version,
+        "candidates": [
+            {"id": c, "x": x} for c, x in zip(d.candidate_ids, d.candidate_X.tolist(), strict=True)
+        ],
+        "reward": d.reward,
+        "rewarded_at": None if d.rewarded_ms is None else format_ts_ms(d.rewarded_ms),
+    }
+
+
+def _in_schema_order(features: dict[str, Any]) -> dict[str, Any]:
+    """The stored features in the order the schema lists them, whatever order the database
+    kept (PostgreSQL's jsonb sorts keys), so that both backends answer the same bytes."""
+    return {name: features[name] for name in FEATURE_ORDER if name in features}
+
+
+FEATURE_ORDER = tuple(CandidateFeatures.model_fields)
+
+
+class ExportStream(Response):
+    """Streams an export whose snapshot is already open; closes it when done, whether the
+    answer was sent whole, cut by a failure, or abandoned by the client."""
+
+    media_type = "application/json"
+
+    def __init__(self, user_id: str, export: UserExport, snapshot: AsyncExitStack) -> None:
+        # No Content-Length: the length is known only at the end (chunked encoding).
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [(b"content-type", b"application/json")]
+        self._user_id = user_id
+        self._export = export
+        self._snapshot = snapshot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            head = orjson.dumps(
+                {
+                    "user_id": self._user_id,
+                    "exported_at": format_ts_ms(now_ms()),
+                    "model": model_json(self._export.user),
+                }
+            )
+            await _more(send, head[:-1] + b',"decisions":[')
+            separator = b""
+            async for page in self._export.pages:
+                chunk = b",".join(orjson.dumps(decision_json(d)) for d in page)
+                await _more(send, separator + chunk)
+                separator = b","
+            await send({"type": "http.response.body", "body": b"]}", "more_body": False})
+        finally:
+            await self._snapshot.aclose()
+
+
+async def _more(send: Send, body: bytes) -> None:
+    await send({"type": "http.response.body", "body": body, "more_body": True})

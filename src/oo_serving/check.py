@@ -1,0 +1,413 @@
+"""What `oo-serving check` holds every stored row to, as pure functions, and its report.
+
+The service keeps invariants that the schema cannot state: a model is a d×d A⁻¹ that is
+symmetric positive definite and a b of d, both finite; counters never go below zero;
+every reward is in [-1, 1], so |cumulative_reward| ≤ reward_count; a decision chose one
+of the candidates it logged. After a crash, a bad migration or a hand-edited database,
+these are what would silently poison learning or offline evaluation, so an operator (and
+the fault tests, after every fault) can read the whole database and be told which rows
+break them.
+
+Nothing here touches a database: each function takes the values of one stored row (as
+the driver returns them, so of any type: a corrupted SQLite row can hold text where a
+blob belongs) and returns the problems found, so the checks are tested with plain
+values and shared by every backend. The reads are the store's (`Store.check`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard
+
+import numpy as np
+
+from oo_serving.core.features import Matrix
+from oo_serving.core.policy import POLICIES
+
+MAX_EXAMPLES = 20
+"""User ids (or messages) kept per kind of violation; the count covers all of them."""
+
+SYMMETRY_RTOL = 1e-9
+"""|A⁻¹ - A⁻¹ᵀ| allowed, relative to A⁻¹'s largest entry.
+
+Sherman–Morrison as core/linucb.py computes it keeps A⁻¹ exactly symmetric (the outer
+product of a vector with itself is), so any asymmetry is damage, not rounding; the
+tolerance only leaves room for a future update computed in another order.
+"""
+
+# Each kind of violation and what one occurrence counts: a model row, a decision row,
+# or a problem SQLite reports. The order is the order of the report.
+KINDS: dict[str, str] = {
+    "model_empty": "model",
+    "model_not_decodable": "model",
+    "model_unknown_policy": "model",
+    "model_not_finite": "model",
+    "model_a_inv_not_symmetric": "model",
+    "model_a_inv_not_positive_definite": "model",
+    "model_negative_count": "model",
+    "model_reward_out_of_bounds": "model",
+    "decision_not_decodable": "decision",
+    "decision_unknown_policy": "decision",
+    "decision_not_finite": "decision",
+    "decision_tip_not_among_candidates": "decision",
+    "decision_x_not_chosen_candidate": "decision",
+    "decision_bad_propensity": "decision",
+    "decision_bad_reward": "decision",
+    "decision_without_model": "decision",
+    "decision_seq_out_of_range": "decision",
+    "decision_duplicate_seq": "decision",
+    "decision_duplicate_event_id": "decision",
+    "sqlite_integrity": "problem",
+    "sqlite_unreadable": "problem",
+}
+
+MODEL_CHECKS = (
+    "decode, policy and d, finite, A_inv symmetric positive definite, counts >= 0,"
+    " |cumulative_reward| <= reward_count"
+)
+DECISION_CHECKS = (
+    "decode, policy and d, finite, tip among candidates with its x, propensity in (0, 1],"
+    " reward in [-1, 1]"
+)
+CROSS_CHECKS = "decisions without a model, seq outside 1..pulls, duplicate seq or event_id"
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One broken invariant of one row: its kind (a key of KINDS) and what was seen."""
+
+    kind: str
+    detail: str
+
+
+def check_model(
+    policy: object,
+    a_inv: object,
+    b: object,
+    pulls: object,
+    reward_count: object,
+    cumulative_reward: object,
+) -> list[Problem]:
+    """The problems of one user_model row; [] when it is sound.
+
+    a_inv: d*d float64 little-endian bytes, row-major; b: d float64 bytes. a_inv NULL is
+    a row created but never filled (PostgreSQL creates the row, then fills it in the same
+    transaction, so a committed one means a write path went wrong).
+    """
+    problems: list[Problem] = []
+    if a_inv is None:
+        problems.append(Problem("model_empty", "a_inv is NULL: a row never filled"))
+    else:
+        known = POLICIES.get(policy) if isinstance(policy, str) else None
+        if known is None:
+            problems.append(Problem("model_unknown_policy", f"policy {policy!r}"))
+        problems += _check_model_arrays(a_inv, b, known.d if known else None)
+    problems += _check_counters(pulls, reward_count, cumulative_reward)
+    return problems
+
+
+def check_decision(
+    policy: object,
+    tip_id: object,
+    features: object,
+    x: object,
+    score: object,
+    propensity: object,
+    candidate_ids: object,
+    candidate_x: object,
+    reward: object,
+    rewarded_ms: object,
+) -> list[Problem]:
+    """The problems of one decision row, its JSON columns already parsed; [] when sound.
+
+    features: a JSON object; candidate_ids: a list of str (n ids); x: d float64 bytes;
+    candidate_x: n*d float64 bytes in candidate_ids order; propensity in (0, 1]; reward
+    NULL (not yet rewarded, and then rewarded_ms NULL too) or in [-1, 1].
+    """
+    problems: list[Problem] = []
+    known = POLICIES.get(policy) if isinstance(policy, str) else None
+    if known is None:
+        problems.append(Problem("decision_unknown_policy", f"policy {policy!r}"))
+    if not isinstance(features, dict):
+        problems.append(Problem("decision_not_decodable", "features is not a JSON object"))
+    ids = _string_list(candidate_ids)
+    if ids is None:
+        problems.append(
+            Problem("decision_not_decodable", "candidate_ids is not a non-empty list of strings")
+        )
+    problems += _check_propensity(propensity)
+    problems += _check_reward(reward, rewarded_ms)
+    if not _is_real(score) or not math.isfinite(float(score)):
+        problems.append(Problem("decision_not_finite", f"score is {score!r}"))
+    x_bytes = _bytes(x)
+    chosen, detail = _floats(x_bytes, "x", type_name=type(x).__name__)
+    if chosen is None or x_bytes is None:
+        problems.append(Problem("decision_not_decodable", detail))
+        return problems
+    d = chosen.size
+    if known is not None and d != known.d:
+        problems.append(
+            Problem("decision_not_decodable", f"x has d = {d}, policy {known.name} has {known.d}")
+        )
+        return problems
+    if not np.isfinite(chosen).all():
+        problems.append(Problem("decision_not_finite", "x has a non-finite value"))
+    if ids is None:
+        return problems
+    offered_bytes = _bytes(candidate_x)
+    offered, detail = _floats(
+        offered_bytes, "candidate_x", len(ids) * d, type_name=type(candidate_x).__name__
+    )
+    if offered is None or offered_bytes is None:
+        problems.append(Problem("decision_not_decodable", detail))
+        return problems
+    if not np.isfinite(offered).all():
+        problems.append(Problem("decision_not_finite", "candidate_x has a non-finite value"))
+    if tip_id not in ids:
+        problems.append(
+            Problem("decision_tip_not_among_candidates", f"tip_id {tip_id!r} was not offered")
+        )
+    else:
+        # Compared as stored, byte for byte: the service logs x as a copy of that row.
+        width = 8 * d
+        if not any(
+            ident == tip_id and offered_bytes[i * width : (i + 1) * width] == x_bytes
+            for i, ident in enumerate(ids)
+        ):
+            problems.append(
+                Problem("decision_x_not_chosen_candidate", f"x differs from {tip_id!r}'s row")
+            )
+    return problems
+
+
+@dataclass(slots=True)
+class Tally:
+    """One kind of violation: how many rows, the first few user ids, the first detail."""
+
+    count: int = 0
+    detail: str = ""
+    examples: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class CheckReport:
+    """What a check read and found. Filled page by page as the store reads, so mutable.
+
+    `integrity` is SQLite's `PRAGMA integrity_check` verdict ("ok"), None when it was not
+    run (a failure is a violation instead); `skipped` names each check not made, and why.
+    """
+
+    backend: str
+    database: str
+    models: int = 0
+    decisions: int = 0
+    integrity: str | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    violations: dict[str, Tally] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    @property
+    def violation_count(self) -> int:
+        return sum(t.count for t in self.violations.values())
+
+    def record(self, user_id: object, problems: Iterable[Problem], where: str = "") -> None:
+        """Count each of one row's problems against its user; `where` names the row."""
+        for p in problems:
+            self.add(p.kind, 1, [str(user_id)], f"{where}: {p.detail}" if where else p.detail)
+
+    def add(self, kind: str, count: int, examples: Sequence[str], detail: str = "") -> None:
+        """Count `count` more violations of `kind`; keep new examples up to MAX_EXAMPLES."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind of violation {kind!r}")
+        tally = self.violations.setdefault(kind, Tally())
+        tally.count += count
+        tally.detail = tally.detail or detail
+        for example in examples:
+            if len(tally.examples) >= MAX_EXAMPLES:
+                break
+            if example not in tally.examples:
+                tally.examples.append(example)
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as plain JSON values: what `oo-serving check --json` prints."""
+        return {
+            "ok": self.ok,
+            "backend": self.backend,
+            "database": self.database,
+            "models": self.models,
+            "decisions": self.decisions,
+            "integrity_check": self.integrity,
+            "skipped": dict(self.skipped),
+            "violations": {
+                kind: {
+                    "count": t.count,
+                    "unit": KINDS[kind],
+                    "detail": t.detail,
+                    "examples": list(t.examples),
+                }
+                for kind, t in self._ordered()
+            },
+        }
+
+    def lines(self) -> list[str]:
+        """The report for a terminal: what was checked, one line per kind, a summary."""
+        out = [
+            f"oo-serving check: {self.backend} database {self.database}",
+            f"checked {_plural(self.models, 'model')}: {MODEL_CHECKS}",
+            f"checked {_plural(self.decisions, 'decision')}: {DECISION_CHECKS}",
+            f"checked across tables: {CROSS_CHECKS}",
+        ]
+        if self.integrity is not None:
+            out.append(f"checked integrity_check: {self.integrity}")
+        out += [f"skipped {name}: {why}" for name, why in self.skipped.items()]
+        for kind, t in self._ordered():
+            detail = f" ({t.detail})" if t.detail else ""
+            more = ", ..." if t.count > len(t.examples) and len(t.examples) >= MAX_EXAMPLES else ""
+            label = "users" if KINDS[kind] != "problem" else "first"
+            examples = f"; {label}: {', '.join(t.examples)}{more}" if t.examples else ""
+            out.append(f"violation {kind}: {_plural(t.count, KINDS[kind])}{detail}{examples}")
+        scope = f"in {_plural(self.models, 'model')} and {_plural(self.decisions, 'decision')}"
+        if self.ok:
+            out.append(f"oo-serving check: OK, no violations {scope}")
+        else:
+            total = _plural(self.violation_count, "violation")
+            out.append(
+                f"oo-serving check: FAILED, {total} of {_plural(len(self.violations), 'kind')}"
+                f" {scope}"
+            )
+        return out
+
+    def _ordered(self) -> list[tuple[str, Tally]]:
+        order = list(KINDS)
+        return sorted(self.violations.items(), key=lambda item: order.index(item[0]))
+
+
+# ── the pieces ───────────────────────────────────────────────────────────────
+
+
+def _check_model_arrays(a_inv: object, b: object, expected_d: int | None) -> list[Problem]:
+    vector, detail = _floats(_bytes(b), "b", type_name=type(b).__name__)
+    if vector is None:
+        return [Problem("model_not_decodable", detail)]
+    d = vector.size
+    if expected_d is not None and d != expected_d:
+        return [Problem("model_not_decodable", f"b has d = {d}, the policy has {expected_d}")]
+    flat, detail = _floats(_bytes(a_inv), "a_inv", d * d, type_name=type(a_inv).__name__)
+    if flat is None:
+        return [Problem("model_not_decodable", detail)]
+    problems: list[Problem] = []
+    if not np.isfinite(vector).all():
+        problems.append(Problem("model_not_finite", "b has a non-finite value"))
+    if not np.isfinite(flat).all():
+        problems.append(Problem("model_not_finite", "a_inv has a non-finite value"))
+        return problems
+    A_inv = flat.reshape(d, d)
+    scale = float(np.max(np.abs(A_inv)))
+    asymmetry = float(np.max(np.abs(A_inv - A_inv.T)))
+    if asymmetry > SYMMETRY_RTOL * scale:
+        problems.append(Problem("model_a_inv_not_symmetric", f"|A_inv - A_invᵀ| = {asymmetry:.3g}"))
+    if not _positive_definite((A_inv + A_inv.T) / 2):
+        problems.append(
+            Problem("model_a_inv_not_positive_definite", "Cholesky factorisation fails")
+        )
+    return problems
+
+
+def _check_counters(
+    pulls: object, reward_count: object, cumulative_reward: object
+) -> list[Problem]:
+    problems: list[Problem] = []
+    for name, value in (("pulls", pulls), ("reward_count", reward_count)):
+        if not _is_int(value):
+            problems.append(Problem("model_not_decodable", f"{name} is {value!r}"))
+        elif value < 0:
+            problems.append(Problem("model_negative_count", f"{name} is {value}"))
+    if not _is_real(cumulative_reward):
+        problems.append(
+            Problem("model_not_decodable", f"cumulative_reward is {cumulative_reward!r}")
+        )
+        return problems
+    total = float(cumulative_reward)
+    if not math.isfinite(total):
+        problems.append(Problem("model_not_finite", f"cumulative_reward is {total}"))
+    elif _is_int(reward_count) and abs(total) > reward_count:
+        # Exact, no tolerance: with each reward in [-1, 1], rounding (monotone) can never
+        # carry a float sum of n of them past n.
+        problems.append(
+            Problem(
+                "model_reward_out_of_bounds",
+                f"cumulative_reward {total} from {reward_count} rewards",
+            )
+        )
+    return problems
+
+
+def _check_propensity(propensity: object) -> list[Problem]:
+    if _is_real(propensity) and 0.0 < float(propensity) <= 1.0:
+        return []
+    return [Problem("decision_bad_propensity", f"propensity is {propensity!r}")]
+
+
+def _check_reward(reward: object, rewarded_ms: object) -> list[Problem]:
+    if reward is None:
+        if rewarded_ms is None:
+            return []
+        return [Problem("decision_bad_reward", "rewarded_ms is set without a reward")]
+    if not _is_real(reward) or not -1.0 <= float(reward) <= 1.0:
+        return [Problem("decision_bad_reward", f"reward is {reward!r}")]
+    if rewarded_ms is None:
+        return [Problem("decision_bad_reward", "a reward without rewarded_ms")]
+    return []
+
+
+def _bytes(raw: object) -> bytes | None:
+    """A blob as bytes (psycopg may hand out a memoryview); None when it is not a blob."""
+    if isinstance(raw, memoryview):
+        return raw.tobytes()
+    return raw if isinstance(raw, bytes) else None
+
+
+def _floats(
+    raw: bytes | None, name: str, count: int | None = None, *, type_name: str
+) -> tuple[Matrix | None, str]:
+    """The float64 values in `raw`, or None and why not: not a blob, or a wrong length.
+
+    count None: any positive number of values. The encoding is store.base.encode_array's.
+    """
+    if raw is None:
+        return None, f"{name} is {type_name}, not bytes"
+    expected = "a positive multiple of 8" if count is None else str(8 * count)
+    if len(raw) % 8 or not raw or (count is not None and len(raw) != 8 * count):
+        return None, f"{name} is {len(raw)} bytes, not {expected}"
+    return np.frombuffer(raw, dtype="<f8"), ""
+
+
+def _positive_definite(matrix: Matrix) -> bool:
+    try:
+        np.linalg.cholesky(matrix)
+    except np.linalg.LinAlgError:
+        return False
+    return True
+
+
+def _string_list(value: object) -> list[str] | None:
+    if isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    return None
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

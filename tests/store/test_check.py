@@ -1,0 +1,593 @@
+"""`oo-serving check`: a database the service wrote checks clean, every kind of damage is
+named with its user, and the check reads without getting in a serving process's way.
+
+Databases are real (SQLite files, throwaway PostgreSQL databases) and written by the real
+service; damage is done by writing them directly, as a fault or a hand would. The
+command runs as an operator runs it: a subprocess, judged by exit code and output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import psycopg
+import pytest
+
+from oo_serving.check import (
+    MAX_EXAMPLES,
+    SYMMETRY_RTOL,
+    CheckReport,
+    check_decision,
+    check_model,
+)
+from oo_serving.core.features import D, TaskFeatures, feature_matrix
+from oo_serving.core.policy import LINUCB_V1
+from oo_serving.service import Candidate, Service
+from oo_serving.settings import Settings
+from oo_serving.store import consistency
+from oo_serving.store.factory import open_store
+
+USERS = ("user-a", "user.b", "user_c")
+VICTIM = "user.b"  # the user every damage below is done to
+CANDIDATES = [
+    Candidate("tip-small", TaskFeatures(12, False, 0.0, 1)),
+    Candidate("tip-big", TaskFeatures(6, True, 30.0, 4)),
+    Candidate("tip-mid", TaskFeatures(18, False, 15.0, 2)),
+]
+
+
+# ── databases written by the service, and written over by hand ───────────────
+
+
+@dataclass
+class Database:
+    """A database's URL, and direct writes to it that bypass the service."""
+
+    backend: str
+    url: str
+
+    @property
+    def path(self) -> Path:
+        return Path(self.url.removeprefix("sqlite:///"))
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> None:
+        """One statement, committed; `?` placeholders on both backends."""
+        if self.backend == "sqlite":
+            with closing(sqlite3.connect(self.path, isolation_level=None)) as conn:
+                conn.execute(sql, params)
+        else:
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute(sql.replace("?", "%s").encode(), params)
+
+    def one(self, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...]:
+        if self.backend == "sqlite":
+            with closing(sqlite3.connect(self.path)) as conn:
+                row = conn.execute(sql, params).fetchone()
+        else:
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                row = conn.execute(sql.replace("?", "%s").encode(), params).fetchone()
+        assert row is not None, sql
+        return tuple(row)
+
+    def a_inv(self, user_id: str) -> np.ndarray:
+        (raw,) = self.one("SELECT a_inv FROM user_model WHERE user_id = ?", (user_id,))
+        return np.frombuffer(bytes(raw), dtype="<f8").reshape(D, D).copy()
+
+    def set_a_inv(self, user_id: str, A_inv: np.ndarray) -> None:
+        raw = np.ascontiguousarray(A_inv, dtype="<f8").tobytes()
+        self.execute("UPDATE user_model SET a_inv = ? WHERE user_id = ?", (raw, user_id))
+
+
+async def write_like_the_service(url: str) -> None:
+    """A few users scored and rewarded through the real Service, every path a write takes:
+    rewards by event_id, by tip, on request features, a repeat, pruning, an erasure."""
+    store = open_store(Settings(database_url=url))
+    await store.open()
+    try:
+        service = Service(store, history_size=2, decision_log_per_user=3)
+        for round_ in range(4):
+            for i, user in enumerate(USERS):
+                scored = await service.score(user, CANDIDATES)
+                features = next(c.features for c in CANDIDATES if c.id == scored.tip_id)
+                reward = (-1.0, 0.5, 1.0)[(i + round_) % 3]
+                await service.reward(user, scored.tip_id, reward, features, scored.event_id)
+        repeat = await service.reward(USERS[2], scored.tip_id, 1.0, features, scored.event_id)
+        assert not repeat.learned
+        await service.reward(USERS[0], "tip-big", -0.5, CANDIDATES[1].features)  # latest by tip
+        await service.reward("rewarded-only", "t", 1.0, CANDIDATES[0].features)  # no decision
+        await service.score("erased", CANDIDATES)
+        await service.reset("erased")
+    finally:
+        await store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
+    """A database of this test's own, as the service left it."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/oo.db"
+    else:
+        url = request.getfixturevalue("fresh_postgres_url")
+    asyncio.run(write_like_the_service(url))
+    return Database(str(request.param), url)
+
+
+def oo_check(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "oo_serving", "check", "--database", url, *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def violation_line(output: str, kind: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith(f"violation {kind}:")]
+    assert len(lines) == 1, f"no line for {kind}:\n{output}"
+    return lines[0]
+
+
+# ── the command on sound and on damaged databases ────────────────────────────
+
+
+def test_a_database_the_service_wrote_checks_clean(database: Database) -> None:
+    done = oo_check(database.url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    # USERS, plus "rewarded-only"; each of USERS keeps its last 3 of 4 decisions.
+    assert "checked 4 models: " in done.stdout
+    assert "checked 9 decisions: " in done.stdout
+    assert "checked across tables: " in done.stdout
+    if database.backend == "sqlite":
+        assert "checked integrity_check: ok" in lines
+    else:
+        assert any(line.startswith("skipped integrity_check: PostgreSQL") for line in lines)
+    assert lines[-1] == "oo-serving check: OK, no violations in 4 models and 9 decisions"
+    assert not any(line.startswith("violation") for line in lines)
+
+
+def test_json_report_of_a_clean_database(database: Database) -> None:
+    done = oo_check(database.url, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] is True
+    assert report["backend"] == database.backend
+    assert report["database"] == (
+        str(database.path) if database.backend == "sqlite" else database.url
+    )
+    assert (report["models"], report["decisions"], report["violations"]) == (4, 9, {})
+    assert report["integrity_check"] == ("ok" if database.backend == "sqlite" else None)
+
+
+def _nan_in_a_inv(db: Database) -> None:
+    A_inv = db.a_inv(VICTIM)
+    A_inv[2, 3] = math.nan
+    db.set_a_inv(VICTIM, A_inv)
+
+
+def _asymmetric_a_inv(db: Database) -> None:
+    A_inv = db.a_inv(VICTIM)
+    A_inv[0, 1] += 1e-3
+    db.set_a_inv(VICTIM, A_inv)
+
+
+def _indefinite_a_inv(db: Database) -> None:
+    A_inv = db.a_inv(VICTIM)
+    A_inv[4, 4] = -A_inv[4, 4]  # still symmetric, no longer positive definite
+    db.set_a_inv(VICTIM, A_inv)
+
+
+def _truncated_a_inv(db: Database) -> None:
+    db.set_a_inv(VICTIM, db.a_inv(VICTIM).ravel()[:-1])
+
+
+DAMAGE: dict[str, tuple[Callable[[Database], None], str]] = {
+    "NaN in a_inv": (_nan_in_a_inv, "model_not_finite"),
+    "a_inv not symmetric": (_asymmetric_a_inv, "model_a_inv_not_symmetric"),
+    "a_inv not positive definite": (_indefinite_a_inv, "model_a_inv_not_positive_definite"),
+    "a_inv truncated": (_truncated_a_inv, "model_not_decodable"),
+    "b of the wrong d": (
+        lambda db: db.execute(
+            "UPDATE user_model SET b = ? WHERE user_id = ?", (bytes(8 * 4), VICTIM)
+        ),
+        "model_not_decodable",
+    ),
+    "negative pulls": (
+        lambda db: db.execute("UPDATE user_model SET pulls = -1 WHERE user_id = ?", (VICTIM,)),
+        "model_negative_count",
+    ),
+    "more reward than rewards": (
+        lambda db: db.execute(
+            "UPDATE user_model SET cumulative_reward = reward_count + 0.5 WHERE user_id = ?",
+            (VICTIM,),
+        ),
+        "model_reward_out_of_bounds",
+    ),
+    "unknown policy": (
+        lambda db: db.execute(
+            "UPDATE user_model SET policy = 'linucb-v9' WHERE user_id = ?", (VICTIM,)
+        ),
+        "model_unknown_policy",
+    ),
+    "decisions without their model": (
+        lambda db: db.execute("DELETE FROM user_model WHERE user_id = ?", (VICTIM,)),
+        "decision_without_model",
+    ),
+    "a decision above pulls": (
+        lambda db: db.execute(
+            "UPDATE user_model SET pulls = pulls - 1 WHERE user_id = ?", (VICTIM,)
+        ),
+        "decision_seq_out_of_range",
+    ),
+    "a tip not among the candidates": (
+        lambda db: db.execute(
+            "UPDATE decision SET tip_id = 'tip-gone' WHERE user_id = ? AND seq = 3", (VICTIM,)
+        ),
+        "decision_tip_not_among_candidates",
+    ),
+    "x not the chosen candidate's": (
+        lambda db: db.execute(
+            "UPDATE decision SET x = ? WHERE user_id = ? AND seq = 3",
+            (bytes(8 * D), VICTIM),
+        ),
+        "decision_x_not_chosen_candidate",
+    ),
+    "candidate_x truncated": (
+        lambda db: db.execute(
+            "UPDATE decision SET candidate_x = x WHERE user_id = ? AND seq = 3", (VICTIM,)
+        ),
+        "decision_not_decodable",
+    ),
+    "a propensity of 0": (
+        lambda db: db.execute(
+            "UPDATE decision SET propensity = 0 WHERE user_id = ? AND seq = 2", (VICTIM,)
+        ),
+        "decision_bad_propensity",
+    ),
+    "a reward outside [-1, 1]": (
+        lambda db: db.execute(
+            "UPDATE decision SET reward = 2 WHERE user_id = ? AND seq = 2", (VICTIM,)
+        ),
+        "decision_bad_reward",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_each_kind_of_damage_is_named_with_its_user(database: Database, damage: str) -> None:
+    do_damage, kind = DAMAGE[damage]
+    do_damage(database)
+    done = oo_check(database.url)
+    assert done.returncode == 1, done.stdout + done.stderr
+    line = violation_line(done.stdout, kind)
+    assert VICTIM in line
+    assert not any(other in line for other in USERS if other != VICTIM)
+    assert done.stdout.splitlines()[-1].startswith("oo-serving check: FAILED, ")
+
+
+def test_a_committed_empty_model_row_is_reported_on_postgres(fresh_postgres_url: str) -> None:
+    """PostgreSQL makes a user's row empty, then fills it in the same transaction."""
+    asyncio.run(write_like_the_service(fresh_postgres_url))
+    db = Database("postgres", fresh_postgres_url)
+    db.execute("INSERT INTO user_model (user_id) VALUES ('user-empty')")
+    db.execute("UPDATE user_model SET a_inv = NULL, b = NULL WHERE user_id = ?", (VICTIM,))
+    done = oo_check(fresh_postgres_url)
+    assert done.returncode == 1, done.stdout + done.stderr
+    line = violation_line(done.stdout, "model_empty")
+    assert line.startswith("violation model_empty: 2 models")
+    assert "user-empty" in line
+    assert VICTIM in line
+    # Its decisions have no model to belong to, and are not also blamed on seq > pulls.
+    assert VICTIM in violation_line(done.stdout, "decision_without_model")
+    assert "decision_seq_out_of_range" not in done.stdout
+
+
+def test_duplicate_event_ids_are_reported(database: Database) -> None:
+    """The unique index forbids them; a database without it (a bad restore) is caught."""
+    database.execute("DROP INDEX decision_event")
+    (event_id,) = database.one(
+        "SELECT event_id FROM decision WHERE user_id = ? AND seq = 2", (VICTIM,)
+    )
+    database.execute(
+        "UPDATE decision SET event_id = ? WHERE user_id = ? AND seq = 3", (event_id, VICTIM)
+    )
+    done = oo_check(database.url)
+    assert done.returncode == 1, done.stdout
+    assert violation_line(done.stdout, "decision_duplicate_event_id").startswith(
+        f"violation decision_duplicate_event_id: 2 decisions (decisions sharing their user's"
+        f" event_id); users: {VICTIM}"
+    )
+
+
+def test_the_json_report_names_kinds_counts_and_users(database: Database) -> None:
+    _nan_in_a_inv(database)
+    database.execute("DELETE FROM user_model WHERE user_id = ?", ("user_c",))
+    done = oo_check(database.url, "--json")
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] is False
+    assert report["models"] == 3
+    assert set(report["violations"]) == {"model_not_finite", "decision_without_model"}
+    assert report["violations"]["model_not_finite"] == {
+        "count": 1,
+        "unit": "model",
+        "detail": "a_inv has a non-finite value",
+        "examples": [VICTIM],
+    }
+    assert report["violations"]["decision_without_model"]["count"] == 3
+    assert report["violations"]["decision_without_model"]["examples"] == ["user_c"]
+
+
+def test_sqlite_integrity_check_failures_are_reported(tmp_path: Path) -> None:
+    """An index whose entries no longer match its table (made so through writable_schema,
+    deterministically) is what `PRAGMA integrity_check` finds and nothing else can."""
+    url = f"sqlite:///{tmp_path}/oo.db"
+    asyncio.run(write_like_the_service(url))
+    with closing(sqlite3.connect(tmp_path / "oo.db", isolation_level=None)) as conn:
+        conn.execute("PRAGMA writable_schema = ON")
+        conn.execute(
+            "UPDATE sqlite_master SET sql = 'CREATE INDEX decision_tip ON decision"
+            " (user_id, event_id, seq)' WHERE name = 'decision_tip'"
+        )
+    done = oo_check(url)
+    assert done.returncode == 1, done.stdout + done.stderr
+    line = violation_line(done.stdout, "sqlite_integrity")
+    assert line.startswith("violation sqlite_integrity: 9 problems; first: row ")
+    assert "missing from index decision_tip" in line
+    assert "checked integrity_check" not in done.stdout
+
+
+def test_a_file_sqlite_finds_corrupt_is_a_violation(tmp_path: Path) -> None:
+    """A damaged page (the decision table's root, overwritten) is reported, exit 1: the
+    database opened, and what it holds is wrong."""
+    url = f"sqlite:///{tmp_path}/oo.db"
+    asyncio.run(write_like_the_service(url))
+    with closing(sqlite3.connect(tmp_path / "oo.db", isolation_level=None)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # every page in the main file
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        root = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = 'decision'")
+        root_page = root.fetchone()[0]
+    with (tmp_path / "oo.db").open("r+b") as f:
+        f.seek((root_page - 1) * page_size)
+        f.write(b"\xff" * 16)  # no valid b-tree page starts so
+    done = oo_check(url)
+    assert done.returncode == 1, done.stdout + done.stderr
+    line = violation_line(done.stdout, "sqlite_unreadable")
+    assert line.endswith("first: database disk image is malformed")
+
+
+def test_a_missing_sqlite_file_exits_2_and_creates_nothing(tmp_path: Path) -> None:
+    where = tmp_path / "not-here" / "oo.db"
+    done = oo_check(f"sqlite:///{where}")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip() == f"oo-serving: no database at {where}"
+    assert not where.parent.exists()
+
+
+def test_a_file_that_is_not_a_database_exits_2(tmp_path: Path) -> None:
+    where = tmp_path / "oo.db"
+    where.write_bytes(b"not a database, " * 512)
+    done = oo_check(f"sqlite:///{where}")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.startswith("oo-serving: ")
+    assert "file is not a database" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_check_runs_clean_beside_a_serving_server_under_load(
+    backend: str, tmp_path: Path, server_factory: Any, request: pytest.FixtureRequest
+) -> None:
+    """Reads only, a snapshot per statement: no false violation from writes in flight, and
+    no request of the server fails while the check reads."""
+    if backend == "sqlite":
+        server = server_factory(workers=2)
+    else:
+        server = server_factory(
+            workers=2, database_url=request.getfixturevalue("fresh_postgres_url")
+        )
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def load(worker: int) -> None:
+        candidates = [{"id": f"t{i}", "content": "x", "source": "s"} for i in range(5)]
+        with server.client() as client:
+            n = 0
+            while not stop.is_set():
+                user = f"load-{worker}-{n % 7}"
+                scored = client.post("/score", json={"user_id": user, "candidates": candidates})
+                statuses.append(scored.status_code)
+                if scored.status_code == 200:
+                    body = scored.json()
+                    rewarded = client.post(
+                        "/reward",
+                        json={"user_id": user, "tip_id": body["tip_id"], "reward": 0.5,
+                              "event_id": body["event_id"]},
+                    )  # fmt: skip
+                    statuses.append(rewarded.status_code)
+                n += 1
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        for _ in range(3):
+            before = len(statuses)
+            done = oo_check(server.database_url)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert len(statuses) > before  # the server wrote while the check read
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert statuses
+    assert set(statuses) == {200}
+    with httpx.Client(base_url=server.base_url) as client:
+        assert client.get("/ready").status_code == 200
+
+
+# ── the shared reads: keyset pages across the page boundaries ────────────────
+
+
+def _fetch_for(db: Database) -> Iterator[consistency.Fetch]:
+    if db.backend == "sqlite":
+        with closing(sqlite3.connect(db.path)) as conn:
+
+            async def fetch_sqlite(sql: str, params: tuple[Any, ...]) -> list[Any]:
+                return conn.execute(sql, params).fetchall()
+
+            yield fetch_sqlite
+    else:
+        with psycopg.connect(db.url, autocommit=True) as pg:
+
+            async def fetch_pg(sql: str, params: tuple[Any, ...]) -> list[Any]:
+                return pg.execute(sql.encode(), params).fetchall()
+
+            yield fetch_pg
+
+
+def test_pages_cover_every_row_once(database: Database) -> None:
+    """Pages of 2 rows: every model and decision read once, damage on the last page found."""
+    database.execute("UPDATE user_model SET pulls = -5 WHERE user_id = ?", ("user_c",))
+    database.execute("UPDATE decision SET propensity = 2 WHERE user_id = ?", ("user_c",))
+    dialect = consistency.SQLITE if database.backend == "sqlite" else consistency.POSTGRES
+    report = CheckReport(database.backend, "test")
+    for fetch in _fetch_for(database):
+        asyncio.run(consistency.scan(report, fetch, dialect, model_page=2, decision_page=2))
+    assert (report.models, report.decisions) == (4, 9)
+    assert set(report.violations) == {
+        "model_negative_count",
+        "decision_bad_propensity",
+        "decision_seq_out_of_range",
+    }
+    assert report.violations["decision_bad_propensity"].count == 3
+    assert report.violations["decision_bad_propensity"].examples == ["user_c"]
+    assert report.violations["decision_seq_out_of_range"].count == 3
+
+
+# ── the per-row rules, on plain values ───────────────────────────────────────
+
+
+def _f64(a: np.ndarray) -> bytes:
+    return np.ascontiguousarray(a, dtype="<f8").tobytes()
+
+
+def _kinds(problems: list[Any]) -> set[str]:
+    return {p.kind for p in problems}
+
+
+def test_a_long_run_of_linucb_updates_stays_a_sound_model() -> None:
+    """No false alarm from rounding: 20,000 seeded updates of A⁻¹ by Sherman–Morrison."""
+    rng = np.random.default_rng(7)
+    state = LINUCB_V1.initial_state()
+    features = [
+        TaskFeatures(int(h), bool(o), float(a), int(p))
+        for h, o, a, p in zip(
+            rng.integers(0, 24, 20_000),
+            rng.integers(0, 2, 20_000),
+            rng.uniform(0, 40, 20_000),
+            rng.integers(1, 5, 20_000),
+            strict=True,
+        )
+    ]
+    rewards = rng.choice([-1.0, -0.5, 0.0, 0.5, 1.0], size=20_000)
+    for x, r in zip(feature_matrix(features), rewards, strict=True):
+        state = LINUCB_V1.update(state, x, float(r))
+    total = float(np.sum(rewards))
+    problems = check_model("linucb-v1", _f64(state.A_inv), _f64(state.b), 20_000, 20_000, total)
+    assert problems == []
+
+
+def test_cumulative_reward_at_its_bound_is_sound() -> None:
+    one = _f64(np.identity(D))
+    zero = _f64(np.zeros(D))
+    assert check_model("linucb-v1", one, zero, 3, 3, -3.0) == []
+    assert _kinds(check_model("linucb-v1", one, zero, 3, 3, -3.0000000001)) == {
+        "model_reward_out_of_bounds"
+    }
+
+
+@pytest.mark.parametrize(
+    ("values", "kind"),
+    [
+        ({"a_inv": "text"}, "model_not_decodable"),
+        ({"b": None}, "model_not_decodable"),
+        ({"a_inv": None, "b": None, "policy": None}, "model_empty"),
+        ({"a_inv": None}, "model_empty"),
+        ({"pulls": 2.5}, "model_not_decodable"),
+        ({"reward_count": -1}, "model_negative_count"),
+        ({"cumulative_reward": math.inf}, "model_not_finite"),
+        ({"b": _f64(np.full(D, math.nan))}, "model_not_finite"),
+        ({"a_inv": _f64(np.zeros((D, D)))}, "model_a_inv_not_positive_definite"),
+        ({"a_inv": _f64(np.identity(D) + SYMMETRY_RTOL * 10 * np.tri(D, k=-1))},
+         "model_a_inv_not_symmetric"),
+    ],
+)  # fmt: skip
+def test_model_rules(values: dict[str, Any], kind: str) -> None:
+    row = {
+        "policy": "linucb-v1", "a_inv": _f64(np.identity(D)), "b": _f64(np.zeros(D)),
+        "pulls": 1, "reward_count": 1, "cumulative_reward": 1.0,
+    }  # fmt: skip
+    assert check_model(**row) == []
+    assert kind in _kinds(check_model(**{**row, **values}))
+
+
+@pytest.mark.parametrize(
+    ("values", "kind"),
+    [
+        ({"policy": "other"}, "decision_unknown_policy"),
+        ({"features": None}, "decision_not_decodable"),
+        ({"candidate_ids": []}, "decision_not_decodable"),
+        ({"candidate_ids": ["a", 2]}, "decision_not_decodable"),
+        ({"x": b"\x00" * 7}, "decision_not_decodable"),
+        ({"x": _f64(np.zeros(D + 1))}, "decision_not_decodable"),
+        ({"score": math.nan}, "decision_not_finite"),
+        ({"tip_id": "c"}, "decision_tip_not_among_candidates"),
+        ({"propensity": 0.0}, "decision_bad_propensity"),
+        ({"propensity": math.nan}, "decision_bad_propensity"),
+        ({"propensity": 1.5}, "decision_bad_propensity"),
+        ({"reward": 0.5, "rewarded_ms": None}, "decision_bad_reward"),
+        ({"reward": None, "rewarded_ms": 5}, "decision_bad_reward"),
+        ({"reward": math.nan}, "decision_bad_reward"),
+    ],
+)
+def test_decision_rules(values: dict[str, Any], kind: str) -> None:
+    X = feature_matrix([c.features for c in CANDIDATES[:2]])
+    row = {
+        "policy": "linucb-v1", "tip_id": "b", "features": {"hour_of_day": 6},
+        "x": _f64(X[1]), "score": 1.5, "propensity": 1.0, "candidate_ids": ["a", "b"],
+        "candidate_x": _f64(X), "reward": -1.0, "rewarded_ms": 7,
+    }  # fmt: skip
+    assert check_decision(**row) == []
+    assert kind in _kinds(check_decision(**{**row, **values}))
+
+
+def test_the_report_keeps_a_bounded_number_of_examples() -> None:
+    report = CheckReport("sqlite", "x")
+    for i in range(MAX_EXAMPLES + 5):
+        report.add("decision_bad_reward", 2, [f"u{i}", f"u{i}"], "detail")
+    tally = report.violations["decision_bad_reward"]
+    assert tally.count == 2 * (MAX_EXAMPLES + 5)
+    assert tally.examples == [f"u{i}" for i in range(MAX_EXAMPLES)]
+    line = violation_line("\n".join(report.lines()), "decision_bad_reward")
+    assert line.endswith(f"u{MAX_EXAMPLES - 1}, ...")
+    assert report.lines()[-1] == (
+        "oo-serving check: FAILED, 50 violations of 1 kind in 0 models and 0 decisions"
+    )
