@@ -6,8 +6,10 @@ Every flag has an OO_* environment variable; a flag given wins over the variable
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import logging.config
+import math
 import os
 import secrets
 import shutil
@@ -24,11 +26,14 @@ from pydantic import SecretStr, ValidationError
 
 from oo_serving.api import lifecycle
 from oo_serving.api.auth import SHORT_KEY_LENGTH, KeyRing, is_loopback
+from oo_serving.check import CheckReport
 from oo_serving.errors import SchemaError, StoreUnavailable
 from oo_serving.logs import log_config
-from oo_serving.metrics import MULTIPROCESS_DIR_ENV
+from oo_serving.metrics import METRICS_FILE, MULTIPROCESS_DIR_ENV
+from oo_serving.redact import redact_secrets, redact_url
 from oo_serving.settings import Settings
 from oo_serving.store import open_store
+from oo_serving.store.sqlite import sqlite_path
 
 T = TypeVar("T")
 log = logging.getLogger("oo_serving")
@@ -52,7 +57,7 @@ def _settings(**overrides: Any) -> Settings:
     try:
         return Settings(**given)
     except ValidationError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(redact_secrets(str(exc))) from exc
 
 
 def _export(settings: Settings) -> None:
@@ -74,11 +79,14 @@ async def _migrate(settings: Settings) -> None:
 
 
 def _run_or_exit(work: Coroutine[Any, Any, T]) -> T:
-    """Run `work`; a database that cannot be used ends the command with a message, exit 2."""
+    """Run `work`; a database that cannot be used ends the command with a message, exit 2.
+
+    The message is redacted: a driver's error can quote the database URL, password and all.
+    """
     try:
         return asyncio.run(work)
     except (SchemaError, StoreUnavailable, ValueError) as exc:
-        typer.echo(f"oo-serving: {exc}", err=True)
+        typer.echo(f"oo-serving: {redact_secrets(str(exc))}", err=True)
         raise typer.Exit(2) from exc
 
 
@@ -162,12 +170,15 @@ def _check_access(settings: Settings) -> None:
     log.warning("INSECURE: no API keys, and %s is not loopback: every endpoint is open", where)
 
 
+# The files prometheus-client's multiprocess mode writes: <type>_<pid>.db, a gauge's type
+# with its mode (gauge_livesum, ...).
 @contextmanager
 def _metrics_folder(settings: Settings) -> Iterator[Path | None]:
     """Where the workers write their metrics; None with one worker (kept in memory).
 
-    OO_METRICS_DIR is emptied first (files of an earlier run would add to the counts);
-    otherwise a temporary folder is made, and removed at exit.
+    OO_METRICS_DIR is emptied first of prometheus-client's files (those of an earlier run
+    would add to the counts), and only of them: the folder may hold other files, even the
+    database. Otherwise a temporary folder is made, and removed at exit.
     """
     if settings.workers == 1:
         yield None
@@ -175,7 +186,8 @@ def _metrics_folder(settings: Settings) -> Iterator[Path | None]:
     if settings.metrics_dir is not None:
         settings.metrics_dir.mkdir(parents=True, exist_ok=True)
         for stale in settings.metrics_dir.glob("*.db"):
-            stale.unlink()
+            if METRICS_FILE.fullmatch(stale.name) and stale.is_file():
+                stale.unlink()
         yield settings.metrics_dir
         return
     folder = Path(tempfile.mkdtemp(prefix="oo-serving-metrics-"))
@@ -189,8 +201,23 @@ def _metrics_folder(settings: Settings) -> Iterator[Path | None]:
 def migrate(database: DatabaseOption = None) -> None:
     """Create or upgrade the database schema; a no-op when it is current."""
     settings = _settings(database_url=database)
+    logging.config.dictConfig(log_config(settings))  # the driver's warnings, redacted
     _run_or_exit(_migrate(settings))
-    typer.echo(f"oo-serving: schema of {settings.database_url} is current")
+    typer.echo(f"oo-serving: schema of {redact_url(settings.database_url)} is current")
+
+
+# Far beyond any retention (about 2,700 years), and small enough that the cut-off stays a
+# millisecond timestamp the databases can compare.
+MAX_PRUNE_DAYS = 1_000_000
+
+
+def _prune_days(days: float) -> float:
+    """A usage error for anything but a finite number of days in range: infinity and huge
+    values once ended in a traceback when turned into a cut-off timestamp. `isfinite`
+    also catches NaN, which compares false with every bound."""
+    if not math.isfinite(days) or not 0 <= days <= MAX_PRUNE_DAYS:
+        raise typer.BadParameter(f"{days} is not a number of days from 0 to {MAX_PRUNE_DAYS}")
+    return days
 
 
 async def _prune(settings: Settings, older_than_ms: int, batch_size: int) -> int:
@@ -208,7 +235,11 @@ async def _prune(settings: Settings, older_than_ms: int, batch_size: int) -> int
 @app.command()
 def prune(
     older_than_days: Annotated[
-        float, typer.Option(min=0, help="Delete decisions logged more than this many days ago.")
+        float,
+        typer.Option(
+            callback=_prune_days,
+            help=f"Delete decisions logged more than this many days ago (0 to {MAX_PRUNE_DAYS}).",
+        ),
     ],
     database: DatabaseOption = None,
     batch_size: Annotated[
@@ -221,9 +252,56 @@ def prune(
     of a user idle for longer than the window comes back shorter.
     """
     settings = _settings(database_url=database)
+    logging.config.dictConfig(log_config(settings))  # the driver's warnings, redacted
     cutoff_ms = time.time_ns() // 1_000_000 - int(older_than_days * 86_400_000)
     deleted = _run_or_exit(_prune(settings, cutoff_ms, batch_size))
     typer.echo(f"oo-serving: deleted {deleted} decisions older than {older_than_days} days")
+
+
+# ── check ────────────────────────────────────────────────────────────────────
+
+# A check's cross-table statements read whole tables: on PostgreSQL they get up to the
+# longest statement timeout the settings allow, not a request's few seconds.
+CHECK_STATEMENT_TIMEOUT_MS = 600_000
+
+
+async def _check(settings: Settings) -> CheckReport:
+    if settings.database_url.startswith("sqlite:"):
+        path = sqlite_path(settings.database_url)
+        if not path.is_file():  # opening would create an empty one, and call it clean
+            raise StoreUnavailable(f"no database at {path}")
+    store = open_store(settings)
+    await store.open()
+    try:
+        return await store.check()
+    finally:
+        await store.close()
+
+
+@app.command()
+def check(
+    database: DatabaseOption = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the report as one JSON object.")
+    ] = False,
+) -> None:
+    """Check every model and decision against the service's invariants; safe while serving.
+
+    Reads in pages, without a write lock (opening applies pending migrations, as always).
+    Exit code 0: no violation; 1: violations, one line per kind with up to 20 user ids;
+    2: the database cannot be opened.
+    """
+    settings = _settings(database_url=database)
+    logging.config.dictConfig(log_config(settings))  # the driver's warnings, redacted
+    timeout_ms = max(settings.pg_statement_timeout_ms, CHECK_STATEMENT_TIMEOUT_MS)
+    settings = settings.model_copy(update={"pg_statement_timeout_ms": timeout_ms})
+    report = _run_or_exit(_check(settings))
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        for line in report.lines():
+            typer.echo(line)
+    raise typer.Exit(0 if report.ok else 1)
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
 """Logs: one JSON object a line (or plain text for a terminal), and the request log.
 
-Every logger of the service and of uvicorn writes through one handler to stderr. A
-record may carry structured fields in `extra={"fields": {...}}`; they become keys of the
-JSON object. User ids are written as a keyed hash unless `OO_LOG_USER_IDS=clear`: the
+Every logger of the service, of uvicorn and of the database driver writes through one
+handler to stderr, which masks passwords in messages (oo_serving.redact). A record may
+carry structured fields in `extra={"fields": {...}}`; they become keys of the JSON
+object. User ids are written as a keyed hash unless `OO_LOG_USER_IDS=clear`: the
 same user gets the same hash for as long as the key stays the same, so a user's requests
 can be followed without the log holding who they are.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from oo_serving.redact import redact_secrets
 from oo_serving.settings import Settings
 
 REQUEST_LOGGER = "oo_serving.request"
@@ -41,20 +43,66 @@ class JsonFormatter(logging.Formatter):
         if fields:
             entry.update(fields)
         if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+            entry["exc"] = redact_secrets(self.formatException(record.exc_info))
         return orjson.dumps(entry, default=str).decode()
 
 
+_QUOTED_ESCAPES = {"\\": "\\\\", '"': '\\"'}
+_CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(text: str, quoted: bool = True) -> str:
+    """`text` with every non-printable character escaped as in JSON (\\n, \\u001b, \\u2028,
+    ...), so nothing a terminal or a line splitter acts on is left; with `quoted`, also
+    backslash and double quote, for writing it between double quotes."""
+    escapes = {**_CONTROL_ESCAPES, **_QUOTED_ESCAPES} if quoted else _CONTROL_ESCAPES
+    out = []
+    for c in text:
+        if c in escapes:
+            out.append(escapes[c])
+        elif c.isprintable():
+            out.append(c)
+        elif ord(c) <= 0xFFFF:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(f"\\U{ord(c):08x}")
+    return "".join(out)
+
+
+def _quoted(text: str, spaces: bool = False) -> str:
+    """`text` as it is if it is plain: not empty, printable (which leaves no whitespace but
+    the space), without `=`, `"` or backslash, and without spaces unless `spaces`.
+    Otherwise between double quotes, escaped."""
+    plain = (
+        bool(text)
+        and all(c.isprintable() and c not in '="\\' for c in text)
+        and (spaces or " " not in text)
+    )
+    return text if plain else f'"{_escape(text)}"'
+
+
 class TextFormatter(logging.Formatter):
-    """`time level logger: msg key=value ...` for reading in a terminal."""
+    """`time level logger: msg key=value ...` for reading in a terminal.
+
+    One record is one line, whatever it holds: a request path, hence a user id or an
+    exception message, can carry a newline or an escape sequence, and written raw it would
+    forge a record or rewrite the terminal. So a field value is written as it is only when
+    plain (printable, no whitespace, `=` or `"`), and otherwise quoted with JSON's escapes;
+    the message likewise, though plain spaces are allowed in it (messages are sentences).
+    A traceback keeps its lines, escaped and indented, so that none can start a record.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
-        line = f"{_utc(record.created)} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        message = _quoted(record.getMessage(), spaces=True)
+        line = f"{_utc(record.created)} {record.levelname:<7} {record.name}: {message}"
         fields = getattr(record, "fields", None)
         if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+            line += " " + " ".join(
+                f"{_quoted(str(k))}={_quoted(str(v))}" for k, v in fields.items()
+            )
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            trace = redact_secrets(self.formatException(record.exc_info))
+            line += "".join(f"\n    {_escape(part, quoted=False)}" for part in trace.splitlines())
         return line
 
 
@@ -64,14 +112,19 @@ def log_config(settings: Settings) -> dict[str, Any]:
     formatter = JsonFormatter if settings.log_format == "json" else TextFormatter
     level = settings.log_level.upper()
     handler = {"handlers": ["stderr"], "level": level, "propagate": False}
+    # The driver's pool warns of every failed connection attempt; below warning it is
+    # chatty (a line per connection lent).
+    driver_level = max(logging.getLevelName(level), logging.WARNING)
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": {"()": f"{formatter.__module__}.{formatter.__qualname__}"}},
+        "filters": {"redact": {"()": f"{RedactSecrets.__module__}.{RedactSecrets.__qualname__}"}},
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
                 "formatter": "default",
+                "filters": ["redact"],
                 "stream": "ext://sys.stderr",
             }
         },
@@ -80,8 +133,21 @@ def log_config(settings: Settings) -> dict[str, Any]:
             "uvicorn.error": {"level": level},
             "uvicorn.access": {"handlers": [], "propagate": False},
             "oo_serving": handler,
+            "psycopg": {**handler, "level": logging.getLevelName(driver_level)},
         },
     }
+
+
+class RedactSecrets(logging.Filter):
+    """Masks passwords in a record's message: libpq quotes a database URL it cannot parse
+    whole, and the connection pool logs that error as it is (see oo_serving.redact)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact_secrets(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 class UserIdHasher:

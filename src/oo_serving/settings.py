@@ -44,7 +44,11 @@ class Settings(BaseSettings):
         " as new ones are logged.",
     )
     sqlite_busy_timeout_ms: int = Field(
-        5000, ge=0, le=600_000, description="How long a write waits for SQLite's lock."
+        5000,
+        ge=100,
+        le=600_000,
+        description="Longest a SQLite write may wait in all (its queue, the other workers'"
+        " lock, SQLite's lock) before a 503 that wrote nothing; /ready's write check too.",
     )
     sqlite_synchronous: Literal["full", "normal", "extra"] = Field(
         "full",
@@ -70,7 +74,9 @@ class Settings(BaseSettings):
         5000,
         ge=1,
         le=600_000,
-        description="Longest a PostgreSQL statement or row-lock wait may take before a 503.",
+        description="Longest a PostgreSQL statement or row-lock wait may take before a 503."
+        " A write's whole deadline, its wait behind the same user's earlier writes included,"
+        " is OO_PG_POOL_TIMEOUT_S + 2 × this + 1 s.",
     )
     api_keys: SecretStr = Field(
         SecretStr(""),

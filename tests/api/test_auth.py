@@ -6,6 +6,7 @@ Every refusal is the documented error JSON with `WWW-Authenticate`, and changes 
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -16,6 +17,8 @@ import httpx
 import pytest
 from tests.conftest import Server, free_port
 from tests.support import error_locs
+
+from oo_serving.api.auth import digest_of, parse_entries
 
 DECIDE = "decide-key-0123456789"
 READ = "read-key-0123456789ab"
@@ -266,6 +269,61 @@ def test_a_bad_key_setting_stops_the_server_without_echoing_keys(
     assert message in result.stderr
     assert "0123456789" not in result.stderr
     assert not (tmp_path / "oo.db").exists()  # refused before touching the database
+
+
+DIGEST = hashlib.sha256(b"hashed-admin-key-0123").hexdigest()
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        f"sha256:{DIGEST}",
+        f"sha256:{DIGEST.upper()}",
+        f"SHA256:{DIGEST}",
+        f"Sha256:{DIGEST[:32]}{DIGEST[32:].upper()}",
+    ],
+)
+def test_a_digest_entry_is_read_in_any_case(key: str) -> None:
+    [parsed] = parse_entries([f"{key}:admin"], "OO_API_KEYS")
+    assert parsed.digest == bytes.fromhex(DIGEST)
+    assert parsed.digest == digest_of("hashed-admin-key-0123")
+    assert parsed.allows == frozenset({"decide", "read", "admin"})
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [
+        DIGEST[:-1],  # 63 digits
+        DIGEST + "0",  # 65
+        DIGEST[:-1] + "g",  # not hex
+        "",
+        "0x" + DIGEST[2:],
+        DIGEST[:-2] + "٣٣",  # Arabic-Indic digits: not hex, though str.isdigit says so
+        "sha256:" + DIGEST,
+    ],
+)
+@pytest.mark.parametrize("prefix", ["sha256:", "SHA256:", "sHa256:"])
+def test_a_malformed_digest_entry_is_refused_by_position(prefix: str, digest: str) -> None:
+    """Not a plain key equal to its own text: that key is written in the setting."""
+    entries = ["fine-key-0123456789:read", f"{prefix}{digest}:admin"]
+    message = "OO_API_KEYS, entry 2: a sha256: entry needs exactly 64 hex digits"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        parse_entries(entries, "OO_API_KEYS")
+
+
+def test_a_malformed_digest_entry_stops_the_server(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text(f"# operators\nsha256:{DIGEST[:-1]}z:admin\n")
+    result = _serve(
+        "--database",
+        f"sqlite:///{tmp_path / 'oo.db'}",
+        env={"OO_API_KEYS_FILE": str(keys)},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "entry 1: a sha256: entry needs exactly 64 hex digits" in result.stderr
+    assert DIGEST[:16] not in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "oo.db").exists()
 
 
 def test_without_keys_it_refuses_to_listen_beyond_loopback(tmp_path: Path) -> None:

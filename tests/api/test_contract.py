@@ -204,7 +204,12 @@ def test_openapi_lists_every_path_and_states_constraints(client: httpx.Client) -
         }
 
     reward_body = _body_schema(spec, "/reward")
-    assert set(reward_body["required"]) == {"user_id", "tip_id", "reward", "features"}
+    # tip_id and features may be left out with an event_id, and are required without one.
+    assert set(reward_body["required"]) == {"user_id", "reward"}
+    assert reward_body["anyOf"] == [
+        {"required": ["event_id"], "properties": {"event_id": {"type": "string"}}},
+        {"required": ["tip_id", "features"]},
+    ]
     assert reward_body["properties"]["reward"]["minimum"] == -1
     assert reward_body["properties"]["reward"]["maximum"] == 1
     assert reward_body["properties"]["user_id"]["pattern"]

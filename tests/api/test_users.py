@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 from tests.support import error_locs
 
 TS_MS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
@@ -135,3 +136,62 @@ def test_the_export_is_its_own_resource(client: httpx.Client, user_id: str) -> N
         assert r.status_code == 405, r.text
         assert r.headers["allow"] == "GET"
     assert client.get(f"/stats/{user_id}").json()["pulls"] == 1
+
+
+# Ids that are also words of the API's paths, or end like one, and the edge characters.
+ROUTE_WORD_IDS = [
+    "export",
+    "users",
+    "reset",
+    "stats",
+    "features",
+    "score",
+    "reward",
+    "metrics",
+    "x.export",
+    "export.x",
+    "a:b@c",
+    "~",
+    "-",
+    "...",
+    "=+",
+]
+
+
+@pytest.mark.parametrize("uid", ROUTE_WORD_IDS)
+def test_every_valid_id_works_on_every_per_user_route(client: httpx.Client, uid: str) -> None:
+    """`DELETE /users/export` once answered 307 then 422: the route's pattern looked past
+    the id into the "/users" prefix for "/export". Every valid id must reach every route."""
+    assert client.post(f"/reset/{uid}").json() == {"ok": True}  # isolate from other runs
+    decision = _score(client, uid)
+    _reward(client, uid, decision["tip_id"], 1.0, decision["event_id"])
+
+    stats = client.get(f"/stats/{uid}")
+    assert stats.status_code == 200, stats.text
+    assert stats.json()["user_id"] == uid
+    assert (stats.json()["pulls"], stats.json()["reward_count"]) == (1, 1)
+    features = client.get(f"/features/{uid}")
+    assert features.status_code == 200, features.text
+    assert [h["event_id"] for h in features.json()["history"]] == [decision["event_id"]]
+    export = client.get(f"/users/{uid}/export")
+    assert export.status_code == 200, export.text
+    assert export.json()["user_id"] == uid
+    assert [d["event_id"] for d in export.json()["decisions"]] == [decision["event_id"]]
+
+    r = client.delete(f"/users/{uid}")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"ok": True, "deleted": True}
+    after = client.get(f"/stats/{uid}").json()
+    assert (after["pulls"], after["reward_count"], after["cumulative_reward"]) == (0, 0, 0.0)
+    assert after["last_updated"] is None
+    assert client.get(f"/users/{uid}/export").json()["decisions"] == []
+    assert client.delete(f"/users/{uid}").json() == {"ok": True, "deleted": False}
+
+    _score(client, uid)
+    assert client.post(f"/reset/{uid}").json() == {"ok": True}
+    assert client.get(f"/stats/{uid}").json()["pulls"] == 0
+
+    # The export stays its own resource for this id too.
+    for method in ("DELETE", "POST"):
+        r = client.request(method, f"/users/{uid}/export")
+        assert r.status_code == 405, (method, r.text)

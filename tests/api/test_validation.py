@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.conftest import Server, free_port
 from tests.support import error_locs
 
 MAX_BODY_BYTES = 1_048_576
@@ -79,6 +80,10 @@ class Seeded:
 
 @pytest.fixture
 def seeded(client: httpx.Client, user_id: str) -> Seeded:
+    return seed(client, user_id)
+
+
+def seed(client: httpx.Client, user_id: str) -> Seeded:
     r = client.post("/score", json=score_body(user_id))
     assert r.status_code == 200
     out = r.json()
@@ -214,6 +219,80 @@ def test_the_unmutated_bodies_are_valid(client: httpx.Client, user_id: str, endp
     # Each case above differs from these bodies in one field only.
     r = client.post(endpoint, json=BODIES[endpoint](user_id))
     assert r.status_code == 200, r.text
+
+
+# ── strings PostgreSQL's text cannot hold, on both backends ────────────────────
+@pytest.fixture(scope="module")
+def postgres_server(
+    tmp_path_factory: pytest.TempPathFactory, postgres_url: str
+) -> Iterator[Server]:
+    folder = tmp_path_factory.mktemp("postgres-server")
+    srv = Server(
+        db_path=folder / "unused.db",
+        port=free_port(),
+        workers=1,
+        log_path=folder / "server.log",
+        url=postgres_url,
+    )
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_backend(request: pytest.FixtureRequest, server: Server) -> Iterator[httpx.Client]:
+    """A client of a server on SQLite, then of one on PostgreSQL."""
+    srv = server if request.param == "sqlite" else request.getfixturevalue("postgres_server")
+    with srv.client() as c:
+        yield c
+
+
+NUL_CASES = [
+    pytest.param("/score", ("candidates", 0, "id"), "t\x001", id="candidate-id"),
+    pytest.param("/score", ("candidates", 0, "content"), "Renew\x00", id="candidate-content"),
+    pytest.param("/score", ("candidates", 0, "source"), "\x00", id="candidate-source"),
+    pytest.param("/score", ("candidates", 1, "source_id"), "4\x002", id="candidate-source-id"),
+    pytest.param("/reward", ("tip_id",), "t1\x00", id="tip-id"),
+    pytest.param("/reward", ("event_id",), "\x00", id="event-id"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "path", "value"), NUL_CASES)
+def test_a_nul_character_is_refused_the_same_on_every_backend(
+    any_backend: httpx.Client, user_id: str, endpoint: str, path: tuple[str | int, ...], value: str
+) -> None:
+    """It was 200 on SQLite and 503 on PostgreSQL, whose text cannot hold U+0000."""
+    seeded = seed(any_backend, user_id)
+    body = mutated(BODIES[endpoint](user_id), path, value)
+    r = any_backend.post(endpoint, json=body)
+    assert error_locs(r, 422) == [_expected_loc(path)]
+    assert r.json()["detail"][0]["type"] == "string_pattern_mismatch"
+    seeded.assert_unchanged(any_backend)
+
+
+@pytest.mark.parametrize("escape", ["\\ud800", "\\udfff", "\\ud800x", "\\udc00\\ud800"])
+@pytest.mark.parametrize("endpoint", ["/score", "/reward"])
+def test_a_lone_surrogate_is_refused_as_broken_json(
+    any_backend: httpx.Client, user_id: str, endpoint: str, escape: str
+) -> None:
+    """Neither backend could store it (it is not Unicode text); orjson refuses it."""
+    seeded = seed(any_backend, user_id)
+    raw = json.dumps(BODIES[endpoint](user_id)).replace('"t1"', f'"t1{escape}"', 1)
+    assert escape in raw
+    r = any_backend.post(endpoint, content=raw, headers={"content-type": "application/json"})
+    assert error_locs(r, 422)[0][0] == "body"
+    assert r.json()["detail"][0]["type"] == "json_invalid"
+    seeded.assert_unchanged(any_backend)
+
+
+def test_the_schema_states_that_nul_is_refused(client: httpx.Client) -> None:
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    candidate = schemas["Candidate-Input"]["properties"]
+    reward = schemas["RewardRequest"]["properties"]
+    for field in (candidate["id"], candidate["content"], candidate["source"], reward["tip_id"]):
+        assert field["pattern"] == "^[^\\x00]*$", field
+    for field in (candidate["source_id"], reward["event_id"]):
+        assert any(s.get("pattern") == "^[^\\x00]*$" for s in field["anyOf"]), field
 
 
 # ── JSON that is not JSON: NaN, Infinity, out-of-range numbers, broken text ───

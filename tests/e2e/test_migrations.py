@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -103,3 +104,59 @@ def test_prune_command_deletes_old_decisions(server_factory, database_url: str) 
         assert "deleted 3 decisions" in gone.stdout
         assert client.get("/features/pruned").json()["history"] == []
         assert client.get("/stats/pruned").json()["pulls"] == 3  # the model stays
+
+
+SECRET = "s3cretpw"
+
+
+def with_password(url: str, password: str = SECRET) -> str:
+    """`url` with `password` in its userinfo (the local cluster trusts, and ignores it)."""
+    parts = urlsplit(url)
+    user, _, host = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{user or 'postgres'}:{password}@{host}"))
+
+
+@pytest.mark.parametrize("form", ["userinfo", "query"])
+def test_migrate_names_the_database_without_its_password(
+    fresh_postgres_url: str, form: str
+) -> None:
+    if form == "userinfo":
+        url, shown = with_password(fresh_postgres_url), ":***@"
+    else:
+        url, shown = f"{fresh_postgres_url}?password={SECRET}&sslmode=disable", "password=***&"
+    result = oo_serving("migrate", "--database", url)
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout + result.stderr
+    assert "is current" in result.stdout
+    assert shown in result.stdout
+    assert urlsplit(fresh_postgres_url).path in result.stdout  # the database is still named
+
+
+MYSQL = f"mysql://u:{SECRET}@h/db"
+MISSING_DB = f"postgresql://postgres:{SECRET}@127.0.0.1:5432/oo_no_such_database"
+# libpq quotes a URL it cannot parse, password and all, in the pool's warnings.
+MALFORMED = f"postgresql://postgres:{SECRET}@[::1:5432/postgres"
+MIGRATE, SERVE, PRUNE = ("migrate",), ("serve", "--port", "0"), ("prune", "--older-than-days", "1")
+
+
+@pytest.mark.parametrize(
+    ("command", "url"),
+    [
+        pytest.param(MIGRATE, MYSQL, id="migrate-unsupported"),
+        pytest.param(SERVE, MYSQL, id="serve-unsupported"),
+        pytest.param(PRUNE, MYSQL, id="prune-unsupported"),
+        pytest.param(MIGRATE, MISSING_DB, id="migrate-missing-database"),
+        pytest.param(MIGRATE, MALFORMED, id="migrate-malformed"),
+        pytest.param(SERVE, MALFORMED, id="serve-malformed"),
+        pytest.param(PRUNE, MALFORMED, id="prune-malformed"),
+    ],
+)
+def test_a_database_that_cannot_be_used_is_refused_without_its_password(
+    postgres_admin_dsn: str, command: tuple[str, ...], url: str
+) -> None:
+    """Exit 2 with a message, never the password (postgres_admin_dsn: skip without one)."""
+    result = oo_serving(*command, "--database", url)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert SECRET not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1].startswith("oo-serving: ")

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import socket
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -11,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from oo_serving.logs import TextFormatter
 from tests.conftest import Server
 from tests.support import metric
 
@@ -156,3 +161,124 @@ def test_user_ids_in_clear_and_text_logs_when_asked(server_factory, user_id: str
     assert "oo_serving.request: request method=GET" in line
     assert f"user={user_id}" in line
     assert "status=200" in line
+
+
+TEXT_RECORD = re.compile(
+    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) +"
+    r"[a-z_.]+: "
+)
+FORGED = "2030-01-01T00:00:00Z INFO forged status=200"
+
+
+def test_a_path_cannot_forge_or_garble_text_log_records(server_factory, user_id: str) -> None:
+    """A path id is percent-decoded and, on a refused request, not validated: with text
+    logs and ids in clear, `u%0A<timestamp> ...` once wrote a record of its own."""
+    server: Server = server_factory(
+        env={"OO_ACCESS_LOG": "true", "OO_LOG_USER_IDS": "clear", "OO_LOG_FORMAT": "text"}
+    )
+    ids = [
+        "u%0A" + FORGED.replace(" ", "%20"),
+        "u%0D%0A" + FORGED.replace(" ", "%20"),
+        "u%0D" + FORGED.replace(" ", "%20"),
+        "u%1B%5B2J%1B%5BH",  # clear the terminal
+        "u%E2%80%A8" + FORGED.replace(" ", "%20"),  # U+2028, a line break to splitlines()
+        "u%0B%0C%C2%85%7F",
+    ]
+    with server.client() as c:
+        for raw in ids:
+            for method, path in [
+                ("GET", f"/stats/{raw}"),
+                ("GET", f"/features/{raw}"),
+                ("POST", f"/reset/{raw}"),
+                ("DELETE", f"/users/{raw}"),
+                ("GET", f"/users/{raw}/export"),
+            ]:
+                r = c.request(method, path)
+                assert r.status_code == 422, (method, path, r.text)
+        assert c.get(f"/stats/{user_id}").status_code == 200
+    server.stop()
+
+    log = server.log()
+    for control in "\r\x1b\x0b\x0c\x85\x7f\u2028":
+        assert control not in log, repr(control)
+    lines = log.split("\n")
+    records = [line for line in lines if re.match(r"\d{4}-", line)]
+    for line in records:
+        assert TEXT_RECORD.match(line), line
+        assert not line.startswith("2030-"), line
+    requests = [line for line in records if "oo_serving.request: request " in line]
+    refused = [line for line in requests if "status=422" in line]
+    assert len(refused) == len(ids) * 5
+    for line in refused:
+        assert "user=None" in line, line  # not a valid id: not logged at all
+    [ok] = [line for line in requests if "status=200" in line and "/stats/" in line]
+    assert f"user={user_id}" in ok
+    # Every line is a record or an indented traceback line: none can pass for a record.
+    for line in lines:
+        assert not line or TEXT_RECORD.match(line) or line.startswith("    "), line
+
+
+def _record(message: str, fields: dict[str, Any], exc: bool = False) -> str:
+    exc_info = None
+    if exc:
+        try:
+            raise ValueError(f"bad\n{FORGED}\r\x1b[2J")
+        except ValueError:
+            exc_info = sys.exc_info()
+    record = logging.LogRecord(
+        "oo_serving.request", logging.ERROR, __file__, 1, message, (), exc_info
+    )
+    record.fields = fields
+    return TextFormatter().format(record)
+
+
+def test_text_log_records_are_one_line_whatever_they_hold() -> None:
+    """The formatter's own guard, for values no endpoint filters (messages, exceptions)."""
+    hostile = f'u\n{FORGED}\r\x1b[2J\u2028\x85\x00\t"=\\'
+    line = _record(f"msg {hostile}", {"user": hostile, "plain": "a:b@c", "none": None})
+    assert line.count("\n") == 0
+    assert all(c.isprintable() for c in line), repr(line)
+    assert TEXT_RECORD.match(line)
+    # Quoted with JSON's escapes, so the value reads back exactly.
+    quoted = json.dumps(hostile, ensure_ascii=False).replace("\u2028", "\\u2028")
+    quoted = quoted.replace("\x85", "\\u0085")
+    assert f" user={quoted} " in line
+    assert f'oo_serving.request: "msg {quoted[1:]} user=' in line
+    assert line.endswith(" plain=a:b@c none=None")
+    # Plain values and sentences stay as they are.
+    assert _record("no keys: open", {"status": 200}).endswith(": no keys: open status=200")
+    assert _record("a=b", {"route": "/x y"}).endswith(': "a=b" route="/x y"')
+
+    lines = _record("boom", {}, exc=True).split("\n")
+    assert TEXT_RECORD.match(lines[0])
+    assert len(lines) > 2
+    assert all(line.startswith("    ") and line.isprintable() for line in lines[1:]), lines
+    # The exception's message, split where it broke lines, escaped where it did not.
+    assert lines[-3:] == ["    ValueError: bad", f"    {FORGED}", "    \\u001b[2J"]
+
+
+def test_a_client_gone_mid_body_is_a_499_not_a_server_error(server_factory) -> None:
+    """It was counted and logged as a 500: the body limit ends without an answer when the
+    client disconnects, and the request log's status defaulted to 500."""
+    server: Server = server_factory(env={"OO_ACCESS_LOG": "true"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n" + b'{"user_id"'
+        )
+    with server.client() as c:
+        deadline = time.monotonic() + 10
+        while True:
+            text = c.get("/metrics").text
+            if metric(text, "oo_http_requests_total", status="499") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert metric(text, "oo_http_requests_total", method="POST", status="499") == 1
+    assert metric(text, "oo_http_requests_total", status="500") == 0
+    server.stop()
+
+    records = _log_lines(server)
+    assert not [r for r in records if r["level"] in ("error", "critical")], records
+    [gone] = [r for r in records if r.get("status") == 499]
+    assert gone["method"] == "POST"
+    assert gone["level"] == "info"

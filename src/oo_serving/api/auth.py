@@ -36,7 +36,8 @@ GRANTS: dict[str, frozenset[str]] = {
 }
 REALM = "oo-serving"
 SHORT_KEY_LENGTH = 16  # keys shorter than this are accepted, with a warning at start
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_DIGEST_PREFIX = "sha256:"
+_HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def digest_of(key: str) -> bytes:
@@ -67,9 +68,11 @@ class AuthError(Exception):
 
 
 def parse_entries(entries: Iterable[str], source: str) -> list[ApiKey]:
-    """`KEY:SCOPES` or `sha256:<hex>:SCOPES` entries; a ValueError names a bad one.
+    """`KEY:SCOPES` or `sha256:<64 hex>:SCOPES` entries; a ValueError names a bad one.
 
-    Messages name an entry by its position, never by its text: it holds a key.
+    Any key starting `sha256:` (in any case) is a digest, in hex of either case, or an
+    error: never a plain key. Messages name an entry by its position, never by its text:
+    it holds a key.
     """
     keys: list[ApiKey] = []
     for number, raw in enumerate(entries, start=1):
@@ -87,8 +90,13 @@ def parse_entries(entries: Iterable[str], source: str) -> list[ApiKey]:
                 f"{where}: unknown scope {unknown[0]!r}; scopes are {', '.join(SCOPES)}"
             )
         allows = frozenset().union(*(GRANTS[s] for s in scopes))
-        if _DIGEST.fullmatch(key):
-            keys.append(ApiKey(bytes.fromhex(key.removeprefix("sha256:")), allows))
+        if key[: len(_DIGEST_PREFIX)].lower() == _DIGEST_PREFIX:
+            # Read as a digest or refused: taken as a plain key, a mistyped digest would
+            # configure a key equal to its own text, which is written down in the setting.
+            digest = key[len(_DIGEST_PREFIX) :]
+            if not _HEX_DIGEST.fullmatch(digest):
+                raise ValueError(f"{where}: a sha256: entry needs exactly 64 hex digits")
+            keys.append(ApiKey(bytes.fromhex(digest), allows))
         else:
             keys.append(ApiKey(digest_of(key), allows, short=len(key) < SHORT_KEY_LENGTH))
     return keys

@@ -32,7 +32,7 @@ class BodyLimitMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return  # nobody to answer; ObserveMiddleware records it as a 499
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:

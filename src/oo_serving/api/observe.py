@@ -13,6 +13,7 @@ from time import perf_counter
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from oo_serving.api.schemas import DOT_SEGMENTS, USER_ID_MAX_LENGTH, USER_ID_PATTERN
 from oo_serving.logs import REQUEST_LOGGER
 from oo_serving.metrics import Metrics
 from oo_serving.service import EventIds
@@ -24,6 +25,12 @@ _GOOD_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
 # Set in the ASGI scope by the endpoints that learn the user id from the body.
 USER_ID_KEY = "oo.user_id"
 KEY_ID_KEY = "oo.key_id"
+# A path's user id is logged only if it is one the endpoints accept: it arrives here
+# percent-decoded and, on a refused request, unvalidated, so it could hold anything.
+_VALID_USER_ID = re.compile(USER_ID_PATTERN)
+# A request whose client went away before it was answered (nginx's "client closed
+# request"): the client's doing, so neither a 500 in the metrics nor an error in the log.
+CLIENT_CLOSED_REQUEST = 499
 
 log = logging.getLogger(REQUEST_LOGGER)
 
@@ -48,21 +55,33 @@ class ObserveMiddleware:
             return
         start = perf_counter()
         request_id = self._request_id(scope)
-        status = 500
+        status = 500  # if no answer is started, and the client is still there
+        started = disconnected = False
+
+        async def watch_disconnect() -> Message:
+            nonlocal disconnected
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                disconnected = True
+            return message
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
                 status = message["status"]
+                started = True
                 headers = list(message.get("headers", ()))
                 headers.append((REQUEST_ID_HEADER, request_id))
                 message["headers"] = headers
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, watch_disconnect, send_with_id)
         finally:
             seconds = perf_counter() - start
+            if disconnected and not started:
+                # E.g. gone mid-body: BodyLimitMiddleware then ends without an answer.
+                status = CLIENT_CLOSED_REQUEST
             # The template without convertors, e.g. /stats/{user_id}; never the path itself.
             route = getattr(scope.get("route"), "path_format", None) or "unmatched"
             self.metrics.request(scope["method"], route, status, seconds)
@@ -80,7 +99,9 @@ class ObserveMiddleware:
     def _log(
         self, scope: Scope, route: str, status: int, seconds: float, request_id: bytes
     ) -> None:
-        user_id = scope.get(USER_ID_KEY) or scope.get("path_params", {}).get("user_id")
+        user_id = scope.get(USER_ID_KEY) or _valid_user_id(
+            scope.get("path_params", {}).get("user_id")
+        )
         fields = {
             "method": scope["method"],
             "route": route,
@@ -92,3 +113,16 @@ class ObserveMiddleware:
         }
         level = logging.ERROR if status >= 500 else logging.INFO
         log.log(level, "request", extra={"fields": fields})
+
+
+def _valid_user_id(user_id: object) -> str | None:
+    """`user_id` if it is a valid user id, else None: whatever the path held (a newline,
+    an escape sequence, a forged record) stays out of the log."""
+    if (
+        isinstance(user_id, str)
+        and len(user_id) <= USER_ID_MAX_LENGTH
+        and user_id not in DOT_SEGMENTS
+        and _VALID_USER_ID.fullmatch(user_id)
+    ):
+        return user_id
+    return None

@@ -9,12 +9,26 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 USER_ID_PATTERN = r"^[A-Za-z0-9\-._~:@+=]+$"
 USER_ID_MAX_LENGTH = 256
 TIP_ID_MAX_LENGTH = 256
 TEXT_MAX_LENGTH = 16_384
+# No NUL in any string the service stores or compares: PostgreSQL's text cannot hold one,
+# so SQLite would accept what PostgreSQL fails on. Refused by validation on every backend,
+# and stated in the schema.
+NO_NUL_PATTERN = r"^[^\x00]*$"
 
 USER_ID_DESCRIPTION = (
     "1–256 characters from A–Z a–z 0–9 - . _ ~ : @ + =, and not `.` or `..`,"
@@ -46,7 +60,10 @@ UserId = Annotated[str, Field(**USER_ID_CONSTRAINTS), AfterValidator(refuse_dot_
 TipId = Annotated[
     str,
     Field(
-        min_length=1, max_length=TIP_ID_MAX_LENGTH, description="The tip's id, 1–256 characters."
+        min_length=1,
+        max_length=TIP_ID_MAX_LENGTH,
+        pattern=NO_NUL_PATTERN,
+        description="The tip's id, 1–256 characters, no NUL (U+0000).",
     ),
 ]
 HourOfDay = Annotated[int, Field(ge=0, le=23, description="Hour of the day, 0–23.")]
@@ -74,6 +91,7 @@ EventId = Annotated[
     Field(
         min_length=1,
         max_length=64,
+        pattern=NO_NUL_PATTERN,
         description="The event_id a /score returned for the decision being rewarded.",
     ),
 ]
@@ -106,9 +124,11 @@ class CandidateFeatures(_Body):
 
 class Candidate(_Body):
     id: TipId
-    content: Annotated[str, Field(max_length=TEXT_MAX_LENGTH)]
-    source: Annotated[str, Field(max_length=TIP_ID_MAX_LENGTH)]
-    source_id: Annotated[str | None, Field(max_length=TIP_ID_MAX_LENGTH)] = None
+    content: Annotated[str, Field(max_length=TEXT_MAX_LENGTH, pattern=NO_NUL_PATTERN)]
+    source: Annotated[str, Field(max_length=TIP_ID_MAX_LENGTH, pattern=NO_NUL_PATTERN)]
+    source_id: Annotated[
+        str | None, Field(max_length=TIP_ID_MAX_LENGTH, pattern=NO_NUL_PATTERN)
+    ] = None
     features: CandidateFeatures = Field(default_factory=CandidateFeatures)
 
 
@@ -187,16 +207,85 @@ class ScoreResponse(BaseModel):
     event_id: str = Field(description="This decision's id; send it back with the reward.")
 
 
+# Put by RewardRequest in place of a field the body must send and did not.
+_REQUIRED: Any = object()
+
+
+def _optional_not_null(null_type: str, null_message: str) -> BeforeValidator:
+    """For a field that may be left out but not sent as null (refused as pydantic refuses
+    a null for its type), and that is required after all where `_REQUIRED` stands in it."""
+
+    def check(value: Any) -> Any:
+        if value is _REQUIRED:
+            raise PydanticCustomError("missing", "Field required")
+        if value is None:
+            raise PydanticCustomError(null_type, null_message)
+        return value
+
+    return BeforeValidator(check)
+
+
+def _not_null(schema: dict[str, Any]) -> None:
+    """A field's schema without its null branch and `"default": null`: it may be left
+    out, but null is refused. (The type stays `X | None`, which pydantic validates as a
+    nullable X and whose errors it names by the field alone, not by union member.)"""
+    schema.pop("default", None)
+    branches = [b for b in schema.pop("anyOf", []) if b != {"type": "null"}]
+    if len(branches) == 1:
+        for key, value in branches[0].items():
+            schema.setdefault(key, value)
+    elif branches:
+        schema["anyOf"] = branches
+
+
+# The decision an event_id names holds the tip it chose and the vector it scored, so a
+# client that sends the event_id need not repeat either. The schema says so with an
+# `anyOf` over the required fields; the check puts `_REQUIRED` in place of each one
+# missing, so that it is refused as missing along with the body's other errors.
 class RewardRequest(_Body):
+    """With `event_id`, `tip_id` and `features` may be left out; without, both are required."""
+
     user_id: UserId
-    tip_id: TipId
+    tip_id: Annotated[
+        TipId | None,
+        _optional_not_null("string_type", "Input should be a valid string"),
+        Field(
+            description="The tip shown, 1–256 characters, no NUL (U+0000). Required without"
+            " event_id. With event_id it may be left out; if sent, it must be the tip that"
+            " decision chose (else 409).",
+            json_schema_extra=_not_null,
+        ),
+    ] = None
     reward: Reward
-    features: CandidateFeatures
+    features: Annotated[
+        CandidateFeatures | None,
+        _optional_not_null(
+            "model_type", "Input should be a valid dictionary or instance of CandidateFeatures"
+        ),
+        Field(
+            description="The shown tip's features. Required without event_id, and learned on"
+            " only if no decision for tip_id is logged. With event_id they may be left out;"
+            " if sent, they are validated but not used (the decision's vector is).",
+            json_schema_extra=_not_null,
+        ),
+    ] = None
     event_id: EventId | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tip_and_features_without_event_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("event_id") is None:
+            return {"tip_id": _REQUIRED, "features": _REQUIRED, **data}
+        return data
 
     model_config = ConfigDict(
         extra="ignore",
         json_schema_extra={
+            "anyOf": [
+                # event_id sent, and not null
+                {"required": ["event_id"], "properties": {"event_id": {"type": "string"}}},
+                {"required": ["tip_id", "features"]},
+            ],
             "examples": [
                 {
                     "user_id": "user-42",
@@ -209,8 +298,13 @@ class RewardRequest(_Body):
                         "priority": 4,
                     },
                     "event_id": "019a1f2e-8c3b-7d4e-9f00-0123456789ab",
-                }
-            ]
+                },
+                {
+                    "user_id": "user-42",
+                    "reward": 1.0,
+                    "event_id": "019a1f2e-8c3b-7d4e-9f00-0123456789ab",
+                },
+            ],
         },
     )
 
