@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,3 +35,14 @@ def metric(text: str, name: str, **labels: str) -> float:
             if sample.name == name and labels.items() <= sample.labels.items():
                 total += sample.value
     return total
+
+
+def oo_serving(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the `oo-serving` command of this checkout; its exit code and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "oo_serving", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -8,8 +8,6 @@ traceback.
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import pytest
 
 from oo_serving.redact import redact_secrets, redact_url
 from tests.conftest import Server
-from tests.support import metric
+from tests.support import metric, oo_serving
 
 
 def _score(server: Server, user: str) -> None:
@@ -60,21 +58,11 @@ def test_a_metrics_folder_shared_with_the_database_keeps_the_database(
     assert not stale.exists()  # prometheus-client's own files are still cleared
 
 
-def _oo_serving(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "oo_serving", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize("days", ["inf", "-inf", "nan", "1e300", "1000001", "-1"])
 def test_prune_refuses_days_that_are_not_a_sane_finite_number(tmp_path: Path, days: str) -> None:
     """`inf` and `1e300` once ended in a traceback; NaN compares false with any bound."""
     db = tmp_path / "oo.db"
-    result = _oo_serving("prune", f"--older-than-days={days}", "--database", f"sqlite:///{db}")
+    result = oo_serving("prune", f"--older-than-days={days}", "--database", f"sqlite:///{db}")
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Invalid value for '--older-than-days'" in result.stderr
     assert "Traceback" not in result.stderr
@@ -83,7 +71,7 @@ def test_prune_refuses_days_that_are_not_a_sane_finite_number(tmp_path: Path, da
 
 @pytest.mark.parametrize("days", ["0", "90", "0.5", "1000000"])
 def test_prune_takes_any_number_of_days_up_to_the_bound(tmp_path: Path, days: str) -> None:
-    result = _oo_serving(
+    result = oo_serving(
         "prune", "--older-than-days", days, "--database", f"sqlite:///{tmp_path}/oo.db"
     )
     assert result.returncode == 0, result.stderr

@@ -7,17 +7,13 @@ and the database itself restarted while they are down.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
 import time
-from urllib.parse import urlsplit
 
 import httpx
-import psycopg
 import pytest
 
 from tests.conftest import Server
+from tests.e2e.faults_support import local_cluster_version, pg_ctlcluster, wait_for_postgres
 
 pytestmark = pytest.mark.slow
 
@@ -115,32 +111,10 @@ def test_kill9_under_load_loses_no_acknowledged_reward_on_sqlite(server_factory,
 
 def _restart_local_postgres(url: str) -> None:
     """Restart the PostgreSQL cluster behind `url`, when it is this machine's own."""
-    parts = urlsplit(url)
-    clusters = "/etc/postgresql"
-    can = (
-        parts.hostname in ("127.0.0.1", "localhost")
-        and shutil.which("pg_ctlcluster")
-        and os.path.isdir(clusters)
-        and os.geteuid() == 0
-    )
-    if not can:
-        if os.environ.get("CI") == "true":
-            pytest.fail("on CI the PostgreSQL restart must run: no local cluster to restart")
-        pytest.skip("PostgreSQL is not a local cluster this test can restart")
-    version = sorted(os.listdir(clusters))[-1]
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"],
-        check=True,
-        timeout=120,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            psycopg.connect(url, connect_timeout=2).close()
-            return
-        except psycopg.OperationalError:
-            time.sleep(0.5)
-    raise AssertionError("PostgreSQL did not come back after its restart")
+    version = local_cluster_version(url)
+    restarted = pg_ctlcluster(version, "restart")
+    assert restarted.returncode == 0, restarted.stderr
+    assert wait_for_postgres(url), "PostgreSQL did not come back after its restart"
 
 
 def test_kill9_of_two_replicas_and_a_database_restart_lose_nothing(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -12,18 +10,9 @@ import psycopg
 import pytest
 
 from oo_serving.store import migrations
+from tests.support import oo_serving
 
 pytestmark = pytest.mark.slow
-
-
-def oo_serving(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "oo_serving", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -13,7 +13,6 @@ import json
 import math
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ import httpx
 import numpy as np
 import psycopg
 import pytest
+from tests.support import oo_serving
 
 from oo_serving.check import (
     MAX_EXAMPLES,
@@ -127,12 +127,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Database:
 
 
 def oo_check(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "oo_serving", "check", "--database", url, *extra],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return oo_serving("check", "--database", url, *extra)
 
 
 def violation_line(output: str, kind: str) -> str:

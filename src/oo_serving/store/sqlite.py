@@ -19,8 +19,8 @@ the `flock` (another worker, a `prune`, a stopped process may hold it) and for S
 own lock. A write still queued at its deadline is withdrawn and answered 503 (StoreBusy)
 with nothing written: the writer thread claims a write before running it, and a claimed
 write is never withdrawn, so a 503 always means "not written". A failed BEGIN, statement
-or COMMIT rolls the transaction back and drops the connection, so a fault (a full disk, an
-I/O error) never leaves the write lock held; the next batch opens a new connection.
+or COMMIT rolls the transaction back, so a fault (a full disk, an I/O error) never leaves
+the write lock held; only a connection that cannot even roll back is replaced.
 """
 
 from __future__ import annotations
@@ -518,8 +518,12 @@ class _GroupCommitWriter:
                     claimed = [job for job in batch if job.state == _CLAIMED]
                     _answer(claimed, [(False, _as_store_error(exc))] * len(claimed))
                     ok = False
-                if not ok:
-                    conn.close()  # after a failed batch, start again on a fresh connection
+                if not ok and conn.in_transaction:
+                    # Not even the rollback went through: start again on a fresh connection.
+                    # Otherwise keep this one: closing the process's last connection would
+                    # make the next open rewrite the shared-memory file, which a full disk
+                    # may refuse, failing every reader too.
+                    conn.close()
                     conn = None
         finally:
             if conn is not None:
