@@ -464,10 +464,13 @@ class _GroupCommitWriter:
 
     def _withdraw(self, job: _Job) -> None:
         with self._claims:
-            if job.state != _PENDING:
-                return  # claimed: it runs, and its caller waits for the outcome
+            if job.state == _CLAIMED and self._thread.is_alive():
+                return  # it runs, and its caller waits for the outcome
+            dead = job.state == _CLAIMED  # claimed by a thread that has since died
             job.state = _WITHDRAWN
-        if not job.future.done():
+        if dead and not job.future.done():
+            job.future.set_exception(StoreUnavailable("the database writer has stopped"))
+        elif not job.future.done():
             job.future.set_exception(
                 StoreBusy(
                     f"the database write lock could not be had within {self._timeout_s:g}s"
