@@ -271,8 +271,8 @@ async def _check(settings: Settings) -> CheckReport:
         if not path.is_file():  # opening would create an empty one, and call it clean
             raise StoreUnavailable(f"no database at {path}")
     store = open_store(settings)
-    await store.open()
     try:
+        await store.open(migrate=False)  # a check changes nothing, the schema included
         return await store.check()
     finally:
         await store.close()
@@ -287,7 +287,8 @@ def check(
 ) -> None:
     """Check every model and decision against the service's invariants; safe while serving.
 
-    Reads in pages, without a write lock (opening applies pending migrations, as always).
+    Reads in pages, without a write lock, and changes nothing: a schema that is not
+    current is refused (run `oo-serving migrate` first).
     Exit code 0: no violation; 1: violations, one line per kind with up to 20 user ids;
     2: the database cannot be opened.
     """

@@ -9,7 +9,8 @@
         ├── StoreBusy             the user's row stayed locked past the lock timeout
         └── StoreUnavailable      the database cannot be reached or refused the work
     SchemaError                   at start-up: the database schema cannot be used
-    └── SchemaTooNew              written by a newer release than this one
+    ├── SchemaTooNew              written by a newer release than this one
+    └── SchemaNotCurrent          older than this release, and not to be migrated now
 
 Every request error names the field it is about (`loc`, as in a validation error),
 so a client sees the same shape whether pydantic or the service refused it.
@@ -62,4 +63,8 @@ class SchemaError(Exception):
 
 
 class SchemaTooNew(SchemaError):
+    pass
+
+
+class SchemaNotCurrent(SchemaError):
     pass

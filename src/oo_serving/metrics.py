@@ -193,8 +193,8 @@ class InstrumentedStore:
         finally:
             self._metrics.store_took(op, perf_counter() - start)
 
-    async def open(self) -> None:
-        await self.inner.open()
+    async def open(self, migrate: bool = True) -> None:
+        await self.inner.open(migrate)
 
     async def close(self) -> None:
         await self.inner.close()

@@ -38,7 +38,7 @@ from oo_serving.core.features import D, TaskFeatures, feature_matrix
 from oo_serving.core.policy import LINUCB_V1
 from oo_serving.service import Candidate, Service
 from oo_serving.settings import Settings
-from oo_serving.store import consistency
+from oo_serving.store import consistency, migrations
 from oo_serving.store.factory import open_store
 
 USERS = ("user-a", "user.b", "user_c")
@@ -372,6 +372,37 @@ def test_a_missing_sqlite_file_exits_2_and_creates_nothing(tmp_path: Path) -> No
     assert done.stdout == ""
     assert done.stderr.strip() == f"oo-serving: no database at {where}"
     assert not where.parent.exists()
+
+
+def test_a_schema_that_is_not_current_is_refused_and_left_as_it_is(database: Database) -> None:
+    """A check changes nothing: it does not apply the migration an older schema lacks."""
+    latest = len(migrations.load(database.backend))
+    if database.backend == "sqlite":
+        path = database.url.removeprefix("sqlite:///")
+        with closing(sqlite3.connect(path)) as conn:
+            conn.execute("DROP INDEX decision_ts")
+            conn.execute(f"PRAGMA user_version = {latest - 1}")
+            conn.commit()
+    else:
+        with psycopg.connect(database.url, autocommit=True) as conn:
+            conn.execute("DROP INDEX decision_ts")
+            conn.execute("DELETE FROM oo_schema_version WHERE version = %s", (latest,))
+
+    done = oo_check(database.url)
+
+    assert done.returncode == 2, done.stdout
+    assert f"schema version {latest - 1}" in done.stderr
+    assert "oo-serving migrate" in done.stderr
+    if database.backend == "sqlite":
+        with closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == latest - 1
+            indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    else:
+        with psycopg.connect(database.url) as conn:
+            indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes")}
+    assert "decision_ts" not in indexes
+    assert oo_serving("migrate", "--database", database.url).returncode == 0
+    assert oo_check(database.url).returncode == 0
 
 
 def test_a_file_that_is_not_a_database_exits_2(tmp_path: Path) -> None:

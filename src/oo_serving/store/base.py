@@ -19,7 +19,7 @@ import numpy as np
 
 from oo_serving.check import CheckReport
 from oo_serving.core.features import Matrix, Vector
-from oo_serving.errors import StoreBusy
+from oo_serving.errors import SchemaNotCurrent, SchemaTooNew, StoreBusy
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -144,8 +144,9 @@ RewardFn = Callable[[UserRecord | None, DecisionRef | None], RewardWrite]
 class Store(Protocol):
     """Every backend: SQLite (embedded default), PostgreSQL (shared by replicas)."""
 
-    async def open(self) -> None:
-        """Connect, and check (SQLite: apply) the schema. Raises SchemaError."""
+    async def open(self, migrate: bool = True) -> None:
+        """Connect, and apply pending migrations; with migrate=False change nothing and
+        refuse a schema that is not current. Raises SchemaError."""
 
     async def close(self) -> None:
         """Finish in-flight work and release every connection."""
@@ -273,3 +274,17 @@ class Slots:
             yield
         finally:
             self._semaphore.release()
+
+
+def require_current(version: int, latest: int, where: str) -> None:
+    """Raise unless a database's schema `version` is this release's `latest`."""
+    if version > latest:
+        raise SchemaTooNew(
+            f"{where} has schema version {version}, newer than {latest}, the newest this"
+            " release knows; upgrade oo-serving"
+        )
+    if version < latest:
+        raise SchemaNotCurrent(
+            f"{where} has schema version {version}; this release needs {latest}:"
+            " run `oo-serving migrate` first"
+        )

@@ -68,6 +68,7 @@ from oo_serving.store.base import (
     decision_from_row,
     encode_array,
     ref_from_row,
+    require_current,
     user_from_row,
     user_params,
 )
@@ -170,13 +171,16 @@ class PostgresStore:
         )
 
     # ── lifecycle ────────────────────────────────────────────────────────────
-    async def open(self) -> None:
+    async def open(self, migrate: bool = True) -> None:
         try:
             await self._pool.open(wait=True, timeout=max(self._pool.timeout, 5.0))
         except PoolTimeout as exc:
             await self._pool.close()
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
-        await self.migrate()
+        if migrate:
+            await self.migrate()
+        else:
+            await self._require_current()
 
     async def close(self) -> None:
         await self._pool.close()
@@ -191,6 +195,26 @@ class PostgresStore:
                 raise StoreUnavailable("the database is read-only (a standby in recovery)")
 
         await self._run(query)
+
+    async def _require_current(self) -> None:
+        """Raise SchemaError unless the schema is this release's; read only."""
+        known = migrations.load("postgres")
+
+        async def version(conn: Conn) -> int:
+            cur = await conn.execute("SELECT to_regclass('oo_schema_version') IS NOT NULL")
+            row = await cur.fetchone()
+            if row is None or not row[0]:
+                return 0
+            cur = await conn.execute("SELECT coalesce(max(version), 0) FROM oo_schema_version")
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+        try:
+            current = await self._run(version)
+        except BaseException:
+            await self._pool.close()
+            raise
+        require_current(current, known[-1].version if known else 0, "the database")
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations; [] when current. Raises SchemaTooNew.

@@ -65,6 +65,7 @@ from oo_serving.store.base import (
     decision_from_row,
     encode_array,
     ref_from_row,
+    require_current,
     user_from_row,
     user_params,
 )
@@ -128,10 +129,14 @@ class SQLiteStore:
         self._exports = Slots(EXPORTS_AT_ONCE, busy_timeout_ms / 1000, "exports")
 
     # ── lifecycle ────────────────────────────────────────────────────────────
-    async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    async def open(self, migrate: bool = True) -> None:
+        if migrate:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._readers = ThreadPoolExecutor(self._read_threads, thread_name_prefix="oo-sqlite-read")
-        await asyncio.get_running_loop().run_in_executor(self._readers, self.migrate)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            self._readers, self.migrate if migrate else self._require_current
+        )
         self._writer = _GroupCommitWriter(
             self._new_connection, self.lock_path, self._busy_timeout_ms / 1000
         )
@@ -171,6 +176,17 @@ class SQLiteStore:
                 return self._migrate(conn)
             finally:
                 conn.close()
+
+    def _require_current(self) -> None:
+        """Raise SchemaError unless the schema is this release's; read only."""
+        known = migrations.load("sqlite")
+        with _mapped_errors():
+            conn = self._new_connection()
+            try:
+                version = self._schema_version(conn)
+            finally:
+                conn.close()
+        require_current(version, known[-1].version if known else 0, f"the database {self.path}")
 
     def _schema_version(self, conn: sqlite3.Connection) -> int:
         return int(conn.execute("PRAGMA user_version").fetchone()[0])
