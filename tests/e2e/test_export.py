@@ -83,10 +83,8 @@ def test_exports_held_open_do_not_starve_reads_or_readiness(server_factory, user
         try:
             time.sleep(1.0)
             for path in (f"/stats/{user_id}", "/ready", f"/features/{user_id}"):
-                started = time.monotonic()
-                r = client.get(path)
+                r = client.get(path)  # starved, it would time out (the client's 10 s)
                 assert r.status_code == 200, (path, r.text)
-                assert time.monotonic() - started < 5, path  # a bound on a stall, not a speed
             r = asyncio.run(_export_when_slots_taken(server.base_url, user_id))
             # Two exports stream; the others wait for a slot and are refused at the deadline.
             assert r.status_code == 503, r.text

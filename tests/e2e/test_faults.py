@@ -590,8 +590,7 @@ def test_kill9_of_one_worker_under_load_keeps_serving_and_loses_nothing(
     wait_for_startups(server, 2)
     ledger, connections, recovered_in = asyncio.run(_kill_one_worker(server))
 
-    assert_running(server)
-    assert recovered_in < 10
+    assert_running(server)  # and a write succeeded within 10 s of the kill (until_write_ok)
     # Only requests on the killed worker's connections failed, and only with a broken
     # connection: no status but 200.
     assert ledger.unexpected == [], summary(ledger)

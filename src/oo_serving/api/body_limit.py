@@ -12,6 +12,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from oo_serving.api.errors import error_body
+from oo_serving.api.observe import CLIENT_GONE_KEY
 
 
 class BodyLimitMiddleware:
@@ -32,7 +33,8 @@ class BodyLimitMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return  # nobody to answer; ObserveMiddleware records it as a 499
+                scope[CLIENT_GONE_KEY] = True  # nobody to answer: recorded as a 499
+                return
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:

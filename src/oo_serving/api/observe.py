@@ -25,6 +25,9 @@ _GOOD_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
 # Set in the ASGI scope by the endpoints that learn the user id from the body.
 USER_ID_KEY = "oo.user_id"
 KEY_ID_KEY = "oo.key_id"
+# Set by BodyLimitMiddleware when the client went away before its body was read whole:
+# nothing is answered then, and the only place that can happen is there.
+CLIENT_GONE_KEY = "oo.client_gone"
 # A path's user id is logged only if it is one the endpoints accept: it arrives here
 # percent-decoded and, on a refused request, unvalidated, so it could hold anything.
 _VALID_USER_ID = re.compile(USER_ID_PATTERN)
@@ -56,31 +59,21 @@ class ObserveMiddleware:
         start = perf_counter()
         request_id = self._request_id(scope)
         status = 500  # if no answer is started, and the client is still there
-        started = disconnected = False
-
-        async def watch_disconnect() -> Message:
-            nonlocal disconnected
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                disconnected = True
-            return message
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, started
+            nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                started = True
                 headers = list(message.get("headers", ()))
                 headers.append((REQUEST_ID_HEADER, request_id))
                 message["headers"] = headers
             await send(message)
 
         try:
-            await self.app(scope, watch_disconnect, send_with_id)
+            await self.app(scope, receive, send_with_id)
         finally:
             seconds = perf_counter() - start
-            if disconnected and not started:
-                # E.g. gone mid-body: BodyLimitMiddleware then ends without an answer.
+            if scope.get(CLIENT_GONE_KEY):
                 status = CLIENT_CLOSED_REQUEST
             # The template without convertors, e.g. /stats/{user_id}; never the path itself.
             route = getattr(scope.get("route"), "path_format", None) or "unmatched"

@@ -276,13 +276,18 @@ class Slots:
             self._semaphore.release()
 
 
-def require_current(version: int, latest: int, where: str) -> None:
-    """Raise unless a database's schema `version` is this release's `latest`."""
+def refuse_newer(version: int, latest: int, where: str) -> None:
+    """Raise SchemaTooNew if a database's schema `version` is past this release's `latest`."""
     if version > latest:
         raise SchemaTooNew(
             f"{where} has schema version {version}, newer than {latest}, the newest this"
             " release knows; upgrade oo-serving"
         )
+
+
+def require_current(version: int, latest: int, where: str) -> None:
+    """Raise unless a database's schema `version` is this release's `latest`."""
+    refuse_newer(version, latest, where)
     if version < latest:
         raise SchemaNotCurrent(
             f"{where} has schema version {version}; this release needs {latest}:"

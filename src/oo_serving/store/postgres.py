@@ -46,7 +46,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from oo_serving.check import CheckReport
-from oo_serving.errors import SchemaTooNew, StoreBusy, StoreUnavailable
+from oo_serving.errors import StoreBusy, StoreUnavailable
 from oo_serving.redact import redact_url
 from oo_serving.store import consistency, migrations
 from oo_serving.store.base import (
@@ -68,6 +68,7 @@ from oo_serving.store.base import (
     decision_from_row,
     encode_array,
     ref_from_row,
+    refuse_newer,
     require_current,
     user_from_row,
     user_params,
@@ -232,11 +233,7 @@ class PostgresStore:
                 cur = await conn.execute("SELECT coalesce(max(version), 0) FROM oo_schema_version")
                 row = await cur.fetchone()
                 current = int(row[0]) if row else 0
-                if current > latest:
-                    raise SchemaTooNew(
-                        f"the database has schema version {current}, newer than {latest},"
-                        " the newest this release knows; upgrade oo-serving"
-                    )
+                refuse_newer(current, latest, "the database")
                 for migration in known[current:]:
                     await conn.execute(migration.sql.encode())
                     await conn.execute(
@@ -353,31 +350,26 @@ class PostgresStore:
         # One snapshot (REPEATABLE READ) read through a server-side cursor, a page at a
         # time; the pooled connection is held while the export streams, hence the slots.
         async with self._exports.slot():
-            with _mapped_errors(self._deadline_s):
-                async with asyncio.timeout(self._deadline_s):
-                    conn_cm = self._pool.connection()
-                    conn = await conn_cm.__aenter__()
+            async with self._bounded():
+                conn_cm = self._pool.connection()
+                conn = await conn_cm.__aenter__()
             rows = conn.cursor(name="oo_export")
             try:
-                with _mapped_errors(self._deadline_s):
-                    async with asyncio.timeout(self._deadline_s):
-                        await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                        cur = await conn.execute(
-                            f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = %s",
-                            (user_id,),
-                        )
-                        user = user_from_row(user_id, await cur.fetchone())
-                        await rows.execute(
-                            f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = %s"
-                            " ORDER BY seq",
-                            (user_id,),
-                        )
+                async with self._bounded():
+                    await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    cur = await conn.execute(
+                        f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = %s", (user_id,)
+                    )
+                    user = user_from_row(user_id, await cur.fetchone())
+                    await rows.execute(
+                        f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = %s ORDER BY seq",
+                        (user_id,),
+                    )
 
                 async def pages() -> AsyncIterator[list[DecisionRecord]]:
                     while True:
-                        with _mapped_errors(self._deadline_s):
-                            async with asyncio.timeout(self._deadline_s):
-                                batch = await rows.fetchmany(EXPORT_PAGE_ROWS)
+                        async with self._bounded():
+                            batch = await rows.fetchmany(EXPORT_PAGE_ROWS)
                         if not batch:
                             return
                         yield [decision_from_row(r, r[5], r[11]) for r in batch]
@@ -424,11 +416,17 @@ class PostgresStore:
             else:
                 self._turns[user_id] = (lock, waiting - 1)
 
+    @asynccontextmanager
+    async def _bounded(self) -> AsyncIterator[None]:
+        """One database call: within the deadline, its failures as the service's errors."""
+        with _mapped_errors(self._deadline_s):
+            async with asyncio.timeout(self._deadline_s):
+                yield
+
     async def _run(self, body: Callable[[Conn], Awaitable[T]]) -> T:
         """Run body on a pooled connection; database failures become service errors."""
-        with _mapped_errors(self._deadline_s):
-            async with asyncio.timeout(self._deadline_s), self._pool.connection() as conn:
-                return await body(conn)
+        async with self._bounded(), self._pool.connection() as conn:
+            return await body(conn)
 
     async def _run_tx(self, body: Callable[[Conn], Awaitable[T]]) -> T:
         """As _run, rolling back on any error, and retrying once a break before writing."""

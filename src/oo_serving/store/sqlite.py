@@ -44,7 +44,7 @@ from typing import Any, TypeVar
 import orjson
 
 from oo_serving.check import CheckReport
-from oo_serving.errors import SchemaTooNew, StoreBusy, StoreUnavailable
+from oo_serving.errors import StoreBusy, StoreUnavailable
 from oo_serving.store import consistency, migrations
 from oo_serving.store.base import (
     DECISION_COLUMNS,
@@ -65,6 +65,7 @@ from oo_serving.store.base import (
     decision_from_row,
     encode_array,
     ref_from_row,
+    refuse_newer,
     require_current,
     user_from_row,
     user_params,
@@ -337,11 +338,7 @@ class SQLiteStore:
             applied: list[int] = []
             with _transaction(conn):
                 current = self._schema_version(conn)
-                if current > latest:
-                    raise SchemaTooNew(
-                        f"the database {self.path} has schema version {current}, newer than"
-                        f" {latest}, the newest this release knows; upgrade oo-serving"
-                    )
+                refuse_newer(current, latest, f"the database {self.path}")
                 for migration in known[current:]:
                     for statement in _statements(migration.sql):
                         conn.execute(statement)
@@ -361,9 +358,9 @@ class SQLiteStore:
         return conn
 
     def _new_connection(self, create: bool = False) -> sqlite3.Connection:
-        """A connection of the caller's own (the writer keeps one, and replaces it after
-        a failure). Only `migrate` creates the file: a database deleted under a running
-        server is an error, never silently replaced by an empty one."""
+        """A connection of the caller's own (the writer keeps one, and replaces it only if
+        it cannot roll back). Only `migrate` creates the file: a database deleted under a
+        running server is an error, never silently replaced by an empty one."""
         mode = "rwc" if create else "rw"
         conn = sqlite3.connect(
             f"file:{urllib.parse.quote(str(self.path))}?mode={mode}",
