@@ -1,12 +1,13 @@
 """What `oo-serving check` holds every stored row to, as pure functions, and its report.
 
-The service keeps invariants that the schema cannot state: a model is a d×d A⁻¹ that is
-symmetric positive definite and a b of d, both finite; counters never go below zero;
-every reward is in [-1, 1], so |cumulative_reward| ≤ reward_count; a decision chose one
-of the candidates it logged. After a crash, a bad migration or a hand-edited database,
-these are what would silently poison learning or offline evaluation, so an operator (and
-the fault tests, after every fault) can read the whole database and be told which rows
-break them.
+The service keeps invariants that the schema cannot state: a model is a state its policy
+decodes and finds sound (each policy states its own rules, `Policy.problems`: finite,
+symmetric, positive definite, ...); counters never go below zero; every reward is in
+[-1, 1], so |cumulative_reward| ≤ reward_count; a decision chose one of the candidates it
+logged, with vectors of its policy's d. After a crash, a bad migration or a hand-edited
+database, these are what would silently poison learning or offline evaluation, so an
+operator (and the fault tests, after every fault) can read the whole database and be
+told which rows break them.
 
 Nothing here touches a database: each function takes the values of one stored row (as
 the driver returns them, so of any type: a corrupted SQLite row can hold text where a
@@ -24,18 +25,14 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from oo_serving.core.features import Matrix
-from oo_serving.core.policy import POLICIES
+from oo_serving.core.policy import Policy
+from oo_serving.core.registry import DEFAULTS
 
 MAX_EXAMPLES = 20
 """User ids (or messages) kept per kind of violation; the count covers all of them."""
 
-SYMMETRY_RTOL = 1e-9
-"""|A⁻¹ - A⁻¹ᵀ| allowed, relative to A⁻¹'s largest entry.
-
-Sherman–Morrison as core/linucb.py computes it keeps A⁻¹ exactly symmetric (the outer
-product of a vector with itself is), so any asymmetry is damage, not rounding; the
-tolerance only leaves room for a future update computed in another order.
-"""
+RAW_WIDTH = 4
+"""Raw features per candidate in a decision's candidate_features (store.base.RAW_FEATURES)."""
 
 # Each kind of violation and what one occurrence counts: a model row, a decision row,
 # or a problem SQLite reports. The order is the order of the report.
@@ -44,8 +41,8 @@ KINDS: dict[str, str] = {
     "model_not_decodable": "model",
     "model_unknown_policy": "model",
     "model_not_finite": "model",
-    "model_a_inv_not_symmetric": "model",
-    "model_a_inv_not_positive_definite": "model",
+    "model_not_symmetric": "model",
+    "model_not_positive_definite": "model",
     "model_negative_count": "model",
     "model_reward_out_of_bounds": "model",
     "decision_not_decodable": "decision",
@@ -64,12 +61,12 @@ KINDS: dict[str, str] = {
 }
 
 MODEL_CHECKS = (
-    "decode, policy and d, finite, A_inv symmetric positive definite, counts >= 0,"
-    " |cumulative_reward| <= reward_count"
+    "policy known, state decodes, the policy's rules (finite, symmetric, positive"
+    " definite), counts >= 0, |cumulative_reward| <= reward_count"
 )
 DECISION_CHECKS = (
-    "decode, policy and d, finite, tip among candidates with its x, propensity in (0, 1],"
-    " reward in [-1, 1]"
+    "decode, policy and d, finite, tip among candidates with its x, raw candidate"
+    " features and context, propensity in (0, 1], reward in [-1, 1]"
 )
 CROSS_CHECKS = "decisions without a model, seq outside 1..pulls, duplicate seq or event_id"
 
@@ -84,26 +81,28 @@ class Problem:
 
 def check_model(
     policy: object,
-    a_inv: object,
-    b: object,
+    state: object,
+    state_version: object,
     pulls: object,
     reward_count: object,
     cumulative_reward: object,
 ) -> list[Problem]:
     """The problems of one user_model row; [] when it is sound.
 
-    a_inv: d*d float64 little-endian bytes, row-major; b: d float64 bytes. a_inv NULL is
-    a row created but never filled (PostgreSQL creates the row, then fills it in the same
-    transaction, so a committed one means a write path went wrong).
+    state: the policy's encoding (Policy.encode) of format state_version, judged by the
+    policy itself (decode, then problems). state NULL is a row created but never filled
+    (PostgreSQL creates the row, then fills it in the same transaction, so a committed
+    one means a write path went wrong).
     """
     problems: list[Problem] = []
-    if a_inv is None:
-        problems.append(Problem("model_empty", "a_inv is NULL: a row never filled"))
+    if state is None:
+        problems.append(Problem("model_empty", "state is NULL: a row never filled"))
     else:
-        known = POLICIES.get(policy) if isinstance(policy, str) else None
+        known = DEFAULTS.get(policy) if isinstance(policy, str) else None
         if known is None:
             problems.append(Problem("model_unknown_policy", f"policy {policy!r}"))
-        problems += _check_model_arrays(a_inv, b, known.d if known else None)
+        else:
+            problems += _check_state(known, state, state_version)
     problems += _check_counters(pulls, reward_count, cumulative_reward)
     return problems
 
@@ -117,26 +116,34 @@ def check_decision(
     propensity: object,
     candidate_ids: object,
     candidate_x: object,
+    candidate_features: object,
+    context: object,
     reward: object,
     rewarded_ms: object,
 ) -> list[Problem]:
     """The problems of one decision row, its JSON columns already parsed; [] when sound.
 
-    features: a JSON object; candidate_ids: a list of str (n ids); x: d float64 bytes;
-    candidate_x: n*d float64 bytes in candidate_ids order; propensity in (0, 1]; reward
+    features: a JSON object; candidate_ids: a list of str (n ids); x: d float64 bytes, d
+    the policy's; candidate_x: n*d float64 bytes in candidate_ids order;
+    candidate_features: n*4 finite float64 bytes, same order; context: a JSON object
+    (both NULL in a row logged before the log kept them); propensity in (0, 1]; reward
     NULL (not yet rewarded, and then rewarded_ms NULL too) or in [-1, 1].
     """
     problems: list[Problem] = []
-    known = POLICIES.get(policy) if isinstance(policy, str) else None
+    known = DEFAULTS.get(policy) if isinstance(policy, str) else None
     if known is None:
         problems.append(Problem("decision_unknown_policy", f"policy {policy!r}"))
     if not isinstance(features, dict):
         problems.append(Problem("decision_not_decodable", "features is not a JSON object"))
+    if context is not None and not isinstance(context, dict):
+        problems.append(Problem("decision_not_decodable", "context is not a JSON object"))
     ids = _string_list(candidate_ids)
     if ids is None:
         problems.append(
             Problem("decision_not_decodable", "candidate_ids is not a non-empty list of strings")
         )
+    if ids is not None and candidate_features is not None:
+        problems += _check_candidate_features(candidate_features, len(ids))
     problems += _check_propensity(propensity)
     problems += _check_reward(reward, rewarded_ms)
     if not _is_real(score) or not math.isfinite(float(score)):
@@ -147,9 +154,12 @@ def check_decision(
         problems.append(Problem("decision_not_decodable", detail))
         return problems
     d = chosen.size
-    if known is not None and d != known.d:
+    if known is not None and d != len(known.feature_names):
         problems.append(
-            Problem("decision_not_decodable", f"x has d = {d}, policy {known.name} has {known.d}")
+            Problem(
+                "decision_not_decodable",
+                f"x has d = {d}, policy {known.name} has {len(known.feature_names)}",
+            )
         )
         return problems
     if not np.isfinite(chosen).all():
@@ -290,32 +300,29 @@ class CheckReport:
 # ── the pieces ───────────────────────────────────────────────────────────────
 
 
-def _check_model_arrays(a_inv: object, b: object, expected_d: int | None) -> list[Problem]:
-    vector, detail = _floats(_bytes(b), "b", type_name=type(b).__name__)
-    if vector is None:
-        return [Problem("model_not_decodable", detail)]
-    d = vector.size
-    if expected_d is not None and d != expected_d:
-        return [Problem("model_not_decodable", f"b has d = {d}, the policy has {expected_d}")]
-    flat, detail = _floats(_bytes(a_inv), "a_inv", d * d, type_name=type(a_inv).__name__)
-    if flat is None:
-        return [Problem("model_not_decodable", detail)]
-    problems: list[Problem] = []
-    if not np.isfinite(vector).all():
-        problems.append(Problem("model_not_finite", "b has a non-finite value"))
-    if not np.isfinite(flat).all():
-        problems.append(Problem("model_not_finite", "a_inv has a non-finite value"))
-        return problems
-    A_inv = flat.reshape(d, d)
-    scale = float(np.max(np.abs(A_inv)))
-    asymmetry = float(np.max(np.abs(A_inv - A_inv.T)))
-    if asymmetry > SYMMETRY_RTOL * scale:
-        problems.append(Problem("model_a_inv_not_symmetric", f"|A_inv - A_invᵀ| = {asymmetry:.3g}"))
-    if not _positive_definite((A_inv + A_inv.T) / 2):
-        problems.append(
-            Problem("model_a_inv_not_positive_definite", "Cholesky factorisation fails")
-        )
-    return problems
+def _check_state(policy: Policy, state: object, state_version: object) -> list[Problem]:
+    """A stored state as its policy reads and judges it."""
+    raw = _bytes(state)
+    if raw is None:
+        return [Problem("model_not_decodable", f"state is {type(state).__name__}, not bytes")]
+    if not _is_int(state_version):
+        return [Problem("model_not_decodable", f"state_version is {state_version!r}")]
+    try:
+        decoded = policy.decode(raw, state_version)
+    except ValueError as exc:
+        return [Problem("model_not_decodable", str(exc))]
+    return [Problem(rule, detail) for rule, detail in policy.problems(decoded)]
+
+
+def _check_candidate_features(raw: object, n: int) -> list[Problem]:
+    values, detail = _floats(
+        _bytes(raw), "candidate_features", n * RAW_WIDTH, type_name=type(raw).__name__
+    )
+    if values is None:
+        return [Problem("decision_not_decodable", detail)]
+    if not np.isfinite(values).all():
+        return [Problem("decision_not_decodable", "candidate_features has a non-finite value")]
+    return []
 
 
 def _check_counters(
@@ -385,14 +392,6 @@ def _floats(
     if len(raw) % 8 or not raw or (count is not None and len(raw) != 8 * count):
         return None, f"{name} is {len(raw)} bytes, not {expected}"
     return np.frombuffer(raw, dtype="<f8"), ""
-
-
-def _positive_definite(matrix: Matrix) -> bool:
-    try:
-        np.linalg.cholesky(matrix)
-    except np.linalg.LinAlgError:
-        return False
-    return True
 
 
 def _string_list(value: object) -> list[str] | None:

@@ -14,7 +14,9 @@ from hypothesis.extra.numpy import arrays
 from oo_serving.core import linucb
 from oo_serving.core.features import D
 from oo_serving.core.linucb import LinUCBParams, LinUCBState, choose, initial_state, update
-from oo_serving.core.policy import LINUCB_V1, POLICIES
+from oo_serving.core.registry import DEFAULTS
+
+LINUCB_V1 = DEFAULTS["linucb-v1"]
 
 PARAMS = LinUCBParams()
 
@@ -306,17 +308,15 @@ def test_recovers_the_true_parameters() -> None:
 
 def test_linucb_v1_is_the_prototype_policy() -> None:
     assert LINUCB_V1.name == "linucb-v1"
-    assert LINUCB_V1.params.alpha == 1.0
-    assert LINUCB_V1.d == 5
-    assert LINUCB_V1.params.d == 5
-    assert POLICIES["linucb-v1"] is LINUCB_V1
+    assert LINUCB_V1.parameters() == {"alpha": 1.0}
+    assert len(LINUCB_V1.feature_names) == 5
 
 
 def test_linucb_v1_is_deterministic_with_propensity_one() -> None:
     X = np.array([[0.0, 1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 1.0, 1.0, 1.0]])
     state = LINUCB_V1.initial_state()
-    first = LINUCB_V1.choose(state, X)
-    second = LINUCB_V1.choose(state, X)
+    first = LINUCB_V1.choose(state, X, None)
+    second = LINUCB_V1.choose(state, X, None)
     assert first.index == second.index == 1
     assert LINUCB_V1.propensity(first) == 1.0
 

@@ -25,24 +25,27 @@ import httpx
 import numpy as np
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 from tests.support import oo_serving
 
-from oo_serving.check import (
-    MAX_EXAMPLES,
-    SYMMETRY_RTOL,
-    CheckReport,
-    check_decision,
-    check_model,
-)
+from oo_serving.assignment import Assignment
+from oo_serving.check import KINDS, MAX_EXAMPLES, CheckReport, check_decision, check_model
 from oo_serving.core.features import D, TaskFeatures, feature_matrix
-from oo_serving.core.policy import LINUCB_V1
+from oo_serving.core.linucb import SYMMETRY_RTOL, LinUCBState
+from oo_serving.core.linucb_v2 import V2_D, LinUCBV2State
+from oo_serving.core.registry import DEFAULTS
 from oo_serving.service import Candidate, Service
 from oo_serving.settings import Settings
 from oo_serving.store import consistency, migrations
 from oo_serving.store.factory import open_store
+from oo_serving.store.postgres import _SCHEMA_TABLE
 
 USERS = ("user-a", "user.b", "user_c")
 VICTIM = "user.b"  # the user every damage below is done to
+V2_USER = "user-v2"  # served by linucb-v2 from the start
+SWITCHED = "user-switched"  # served by linucb-v1, then by linucb-v2 (a rebuilt model)
+V1 = DEFAULTS["linucb-v1"]
+V2 = DEFAULTS["linucb-v2"]
 CANDIDATES = [
     Candidate("tip-small", TaskFeatures(12, False, 0.0, 1)),
     Candidate("tip-big", TaskFeatures(6, True, 30.0, 4)),
@@ -83,22 +86,39 @@ class Database:
         assert row is not None, sql
         return tuple(row)
 
-    def a_inv(self, user_id: str) -> np.ndarray:
-        (raw,) = self.one("SELECT a_inv FROM user_model WHERE user_id = ?", (user_id,))
-        return np.frombuffer(bytes(raw), dtype="<f8").reshape(D, D).copy()
+    def v1_state(self, user_id: str) -> LinUCBState:
+        """A linucb-v1 user's stored (A⁻¹, b), writable."""
+        (raw,) = self.one("SELECT state FROM user_model WHERE user_id = ?", (user_id,))
+        state: LinUCBState = V1.decode(bytes(raw), 1)
+        return LinUCBState(state.A_inv.copy(), state.b.copy())
+
+    def set_state(self, user_id: str, raw: bytes) -> None:
+        self.execute("UPDATE user_model SET state = ? WHERE user_id = ?", (raw, user_id))
 
     def set_a_inv(self, user_id: str, A_inv: np.ndarray) -> None:
-        raw = np.ascontiguousarray(A_inv, dtype="<f8").tobytes()
-        self.execute("UPDATE user_model SET a_inv = ? WHERE user_id = ?", (raw, user_id))
+        """Replace A⁻¹ in a linucb-v1 user's state, keeping b (A_inv of any size)."""
+        b = self.v1_state(user_id).b
+        raw = np.ascontiguousarray(A_inv, dtype="<f8").tobytes() + b.tobytes()
+        self.set_state(user_id, raw)
 
 
 async def write_like_the_service(url: str) -> None:
     """A few users scored and rewarded through the real Service, every path a write takes:
-    rewards by event_id, by tip, on request features, a repeat, pruning, an erasure."""
+    rewards by event_id, by tip, on request features, a repeat, pruning, an erasure; a
+    user of linucb-v2 (and its pooled statistics), and one moved from linucb-v1 to
+    linucb-v2, whose model is rebuilt from its log."""
     store = open_store(Settings(database_url=url))
     await store.open()
     try:
+        v2 = Service(store, Assignment.single(V2), history_size=2, decision_log_per_user=3)
+        for reward in (1.0, -0.5):
+            scored = await v2.score(V2_USER, CANDIDATES, {"hour_of_day": 8, "day_of_week": 2})
+            await v2.reward(V2_USER, scored.tip_id, reward, None, scored.event_id)
         service = Service(store, history_size=2, decision_log_per_user=3)
+        scored = await service.score(SWITCHED, CANDIDATES)
+        await service.reward(SWITCHED, scored.tip_id, 0.5, None, scored.event_id)
+        await v2.score(SWITCHED, CANDIDATES)
+        await v2.population.flush()
         for round_ in range(4):
             for i, user in enumerate(USERS):
                 scored = await service.score(user, CANDIDATES)
@@ -143,15 +163,16 @@ def test_a_database_the_service_wrote_checks_clean(database: Database) -> None:
     done = oo_check(database.url)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
-    # USERS, plus "rewarded-only"; each of USERS keeps its last 3 of 4 decisions.
-    assert "checked 4 models: " in done.stdout
-    assert "checked 9 decisions: " in done.stdout
+    # USERS, "rewarded-only", V2_USER and SWITCHED; each of USERS keeps its last 3 of 4
+    # decisions, V2_USER and SWITCHED have 2.
+    assert "checked 6 models: " in done.stdout
+    assert "checked 13 decisions: " in done.stdout
     assert "checked across tables: " in done.stdout
     if database.backend == "sqlite":
         assert "checked integrity_check: ok" in lines
     else:
         assert any(line.startswith("skipped integrity_check: PostgreSQL") for line in lines)
-    assert lines[-1] == "oo-serving check: OK, no violations in 4 models and 9 decisions"
+    assert lines[-1] == "oo-serving check: OK, no violations in 6 models and 13 decisions"
     assert not any(line.startswith("violation") for line in lines)
 
 
@@ -164,40 +185,44 @@ def test_json_report_of_a_clean_database(database: Database) -> None:
     assert report["database"] == (
         str(database.path) if database.backend == "sqlite" else database.url
     )
-    assert (report["models"], report["decisions"], report["violations"]) == (4, 9, {})
+    assert (report["models"], report["decisions"], report["violations"]) == (6, 13, {})
     assert report["integrity_check"] == ("ok" if database.backend == "sqlite" else None)
 
 
 def _nan_in_a_inv(db: Database) -> None:
-    A_inv = db.a_inv(VICTIM)
+    A_inv = db.v1_state(VICTIM).A_inv
     A_inv[2, 3] = math.nan
     db.set_a_inv(VICTIM, A_inv)
 
 
 def _asymmetric_a_inv(db: Database) -> None:
-    A_inv = db.a_inv(VICTIM)
+    A_inv = db.v1_state(VICTIM).A_inv
     A_inv[0, 1] += 1e-3
     db.set_a_inv(VICTIM, A_inv)
 
 
 def _indefinite_a_inv(db: Database) -> None:
-    A_inv = db.a_inv(VICTIM)
+    A_inv = db.v1_state(VICTIM).A_inv
     A_inv[4, 4] = -A_inv[4, 4]  # still symmetric, no longer positive definite
     db.set_a_inv(VICTIM, A_inv)
 
 
 def _truncated_a_inv(db: Database) -> None:
-    db.set_a_inv(VICTIM, db.a_inv(VICTIM).ravel()[:-1])
+    db.set_a_inv(VICTIM, db.v1_state(VICTIM).A_inv.ravel()[:-1])
 
 
 DAMAGE: dict[str, tuple[Callable[[Database], None], str]] = {
-    "NaN in a_inv": (_nan_in_a_inv, "model_not_finite"),
-    "a_inv not symmetric": (_asymmetric_a_inv, "model_a_inv_not_symmetric"),
-    "a_inv not positive definite": (_indefinite_a_inv, "model_a_inv_not_positive_definite"),
-    "a_inv truncated": (_truncated_a_inv, "model_not_decodable"),
-    "b of the wrong d": (
+    "NaN in A_inv": (_nan_in_a_inv, "model_not_finite"),
+    "A_inv not symmetric": (_asymmetric_a_inv, "model_not_symmetric"),
+    "A_inv not positive definite": (_indefinite_a_inv, "model_not_positive_definite"),
+    "state truncated": (_truncated_a_inv, "model_not_decodable"),
+    "a state of another policy's d": (
+        lambda db: db.set_state(VICTIM, V2.encode(V2.initial_state())),
+        "model_not_decodable",
+    ),
+    "a state version the policy does not know": (
         lambda db: db.execute(
-            "UPDATE user_model SET b = ? WHERE user_id = ?", (bytes(8 * 4), VICTIM)
+            "UPDATE user_model SET state_version = 2 WHERE user_id = ?", (VICTIM,)
         ),
         "model_not_decodable",
     ),
@@ -247,6 +272,27 @@ DAMAGE: dict[str, tuple[Callable[[Database], None], str]] = {
         ),
         "decision_not_decodable",
     ),
+    "candidate_features of another n": (
+        lambda db: db.execute(
+            "UPDATE decision SET candidate_features = ? WHERE user_id = ? AND seq = 3",
+            (bytes(8 * 4 * 2), VICTIM),
+        ),
+        "decision_not_decodable",
+    ),
+    "a NaN among the raw features": (
+        lambda db: db.execute(
+            "UPDATE decision SET candidate_features = ? WHERE user_id = ? AND seq = 3",
+            (np.full(4 * len(CANDIDATES), math.nan).tobytes(), VICTIM),
+        ),
+        "decision_not_decodable",
+    ),
+    "a context that is not an object": (
+        lambda db: db.execute(
+            "UPDATE decision SET context = ? WHERE user_id = ? AND seq = 3",
+            ("[1, 2]" if db.backend == "sqlite" else Jsonb([1, 2]), VICTIM),
+        ),
+        "decision_not_decodable",
+    ),
     "a propensity of 0": (
         lambda db: db.execute(
             "UPDATE decision SET propensity = 0 WHERE user_id = ? AND seq = 2", (VICTIM,)
@@ -279,7 +325,9 @@ def test_a_committed_empty_model_row_is_reported_on_postgres(fresh_postgres_url:
     asyncio.run(write_like_the_service(fresh_postgres_url))
     db = Database("postgres", fresh_postgres_url)
     db.execute("INSERT INTO user_model (user_id) VALUES ('user-empty')")
-    db.execute("UPDATE user_model SET a_inv = NULL, b = NULL WHERE user_id = ?", (VICTIM,))
+    db.execute(
+        "UPDATE user_model SET state = NULL, state_version = NULL WHERE user_id = ?", (VICTIM,)
+    )
     done = oo_check(fresh_postgres_url)
     assert done.returncode == 1, done.stdout + done.stderr
     line = violation_line(done.stdout, "model_empty")
@@ -315,12 +363,12 @@ def test_the_json_report_names_kinds_counts_and_users(database: Database) -> Non
     assert done.returncode == 1, done.stderr
     report = json.loads(done.stdout)
     assert report["ok"] is False
-    assert report["models"] == 3
+    assert report["models"] == 5
     assert set(report["violations"]) == {"model_not_finite", "decision_without_model"}
     assert report["violations"]["model_not_finite"] == {
         "count": 1,
         "unit": "model",
-        "detail": "a_inv has a non-finite value",
+        "detail": "A_inv has a non-finite value",
         "examples": [VICTIM],
     }
     assert report["violations"]["decision_without_model"]["count"] == 3
@@ -341,7 +389,7 @@ def test_sqlite_integrity_check_failures_are_reported(tmp_path: Path) -> None:
     done = oo_check(url)
     assert done.returncode == 1, done.stdout + done.stderr
     line = violation_line(done.stdout, "sqlite_integrity")
-    assert line.startswith("violation sqlite_integrity: 9 problems; first: row ")
+    assert line.startswith("violation sqlite_integrity: 13 problems; first: row ")
     assert "missing from index decision_tip" in line
     assert "checked integrity_check" not in done.stdout
 
@@ -374,35 +422,46 @@ def test_a_missing_sqlite_file_exits_2_and_creates_nothing(tmp_path: Path) -> No
     assert not where.parent.exists()
 
 
-def test_a_schema_that_is_not_current_is_refused_and_left_as_it_is(database: Database) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_schema_that_is_not_current_is_refused_and_left_as_it_is(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """A check changes nothing: it does not apply the migration an older schema lacks."""
-    latest = len(migrations.load(database.backend))
-    if database.backend == "sqlite":
-        path = database.url.removeprefix("sqlite:///")
-        with closing(sqlite3.connect(path)) as conn:
-            conn.execute("DROP INDEX decision_ts")
+    known = migrations.load(backend)
+    latest = len(known)
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path}/old.db"
+        with closing(sqlite3.connect(tmp_path / "old.db", isolation_level=None)) as conn:
+            for migration in known[:-1]:
+                conn.executescript(migration.sql)
             conn.execute(f"PRAGMA user_version = {latest - 1}")
-            conn.commit()
     else:
-        with psycopg.connect(database.url, autocommit=True) as conn:
-            conn.execute("DROP INDEX decision_ts")
-            conn.execute("DELETE FROM oo_schema_version WHERE version = %s", (latest,))
+        url = request.getfixturevalue("fresh_postgres_url")
+        with psycopg.connect(url, autocommit=True) as pg:
+            pg.execute(_SCHEMA_TABLE)
+            for migration in known[:-1]:
+                pg.execute(migration.sql.encode())
+                pg.execute(
+                    "INSERT INTO oo_schema_version (version, name) VALUES (%s, %s)",
+                    (migration.version, migration.name),
+                )
 
-    done = oo_check(database.url)
+    done = oo_check(url)
 
     assert done.returncode == 2, done.stdout
     assert f"schema version {latest - 1}" in done.stderr
     assert "oo-serving migrate" in done.stderr
-    if database.backend == "sqlite":
-        with closing(sqlite3.connect(path)) as conn:
+    db = Database(backend, url)
+    if backend == "sqlite":
+        with closing(sqlite3.connect(db.path)) as conn:
             assert conn.execute("PRAGMA user_version").fetchone()[0] == latest - 1
-            indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     else:
-        with psycopg.connect(database.url) as conn:
-            indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes")}
-    assert "decision_ts" not in indexes
-    assert oo_serving("migrate", "--database", database.url).returncode == 0
-    assert oo_check(database.url).returncode == 0
+        assert db.one("SELECT max(version) FROM oo_schema_version") == (latest - 1,)
+    assert db.one("SELECT count(*) FROM user_model") == (0,)
+    with pytest.raises((sqlite3.OperationalError, psycopg.errors.UndefinedTable)):
+        db.one("SELECT count(*) FROM pooled")  # the latest migration's table is not there
+    assert oo_serving("migrate", "--database", url).returncode == 0
+    assert oo_check(url).returncode == 0
 
 
 def test_a_file_that_is_not_a_database_exits_2(tmp_path: Path) -> None:
@@ -497,7 +556,7 @@ def test_pages_cover_every_row_once(database: Database) -> None:
     report = CheckReport(database.backend, "test")
     for fetch in _fetch_for(database):
         asyncio.run(consistency.scan(report, fetch, dialect, model_page=2, decision_page=2))
-    assert (report.models, report.decisions) == (4, 9)
+    assert (report.models, report.decisions) == (6, 13)
     assert set(report.violations) == {
         "model_negative_count",
         "decision_bad_propensity",
@@ -519,10 +578,14 @@ def _kinds(problems: list[Any]) -> set[str]:
     return {p.kind for p in problems}
 
 
+def _v1(A_inv: np.ndarray | None = None, b: np.ndarray | None = None) -> bytes:
+    return _f64(np.identity(D) if A_inv is None else A_inv) + _f64(np.zeros(D) if b is None else b)
+
+
 def test_a_long_run_of_linucb_updates_stays_a_sound_model() -> None:
-    """No false alarm from rounding: 20,000 seeded updates of A⁻¹ by Sherman–Morrison."""
+    """No false alarm from rounding: 20,000 seeded updates of A⁻¹ by Sherman–Morrison, and
+    of linucb-v2's discounted statistics."""
     rng = np.random.default_rng(7)
-    state = LINUCB_V1.initial_state()
     features = [
         TaskFeatures(int(h), bool(o), float(a), int(p))
         for h, o, a, p in zip(
@@ -534,45 +597,64 @@ def test_a_long_run_of_linucb_updates_stays_a_sound_model() -> None:
         )
     ]
     rewards = rng.choice([-1.0, -0.5, 0.0, 0.5, 1.0], size=20_000)
-    for x, r in zip(feature_matrix(features), rewards, strict=True):
-        state = LINUCB_V1.update(state, x, float(r))
     total = float(np.sum(rewards))
-    problems = check_model("linucb-v1", _f64(state.A_inv), _f64(state.b), 20_000, 20_000, total)
-    assert problems == []
+    for policy in (V1, V2):
+        state = policy.initial_state()
+        for x, r in zip(policy.features(features), rewards, strict=True):
+            state = policy.update(state, x, float(r))
+        raw = policy.encode(state)
+        assert check_model(policy.name, raw, 1, 20_000, 20_000, total) == []
 
 
 def test_cumulative_reward_at_its_bound_is_sound() -> None:
-    one = _f64(np.identity(D))
-    zero = _f64(np.zeros(D))
-    assert check_model("linucb-v1", one, zero, 3, 3, -3.0) == []
-    assert _kinds(check_model("linucb-v1", one, zero, 3, 3, -3.0000000001)) == {
+    assert check_model("linucb-v1", _v1(), 1, 3, 3, -3.0) == []
+    assert _kinds(check_model("linucb-v1", _v1(), 1, 3, 3, -3.0000000001)) == {
         "model_reward_out_of_bounds"
+    }
+
+
+def test_the_policies_rules_are_kinds_of_the_report() -> None:
+    """Every rule a policy reports is a kind the report knows, under its new name."""
+    assert {"model_not_symmetric", "model_not_positive_definite", "model_not_finite"} <= set(KINDS)
+    assert not any(kind.startswith("model_a_inv") for kind in KINDS)
+    indefinite = LinUCBV2State(D=-np.identity(V2_D), b=np.zeros(V2_D))
+    assert _kinds(check_model("linucb-v2", V2.encode(indefinite), 1, 0, 0, 0.0)) == {
+        "model_not_positive_definite"
     }
 
 
 @pytest.mark.parametrize(
     ("values", "kind"),
     [
-        ({"a_inv": "text"}, "model_not_decodable"),
-        ({"b": None}, "model_not_decodable"),
-        ({"a_inv": None, "b": None, "policy": None}, "model_empty"),
-        ({"a_inv": None}, "model_empty"),
+        ({"state": "text"}, "model_not_decodable"),
+        ({"state": _v1()[:-8]}, "model_not_decodable"),
+        ({"state": _v1() + b"\x00"}, "model_not_decodable"),
+        ({"state_version": 2}, "model_not_decodable"),
+        ({"state_version": None}, "model_not_decodable"),
+        ({"state_version": "1"}, "model_not_decodable"),
+        ({"policy": "linucb-v2"}, "model_not_decodable"),  # a v1 state is not v2's size
+        ({"state": None, "state_version": None, "policy": None}, "model_empty"),
+        ({"state": None}, "model_empty"),
+        ({"policy": "linucb-v9"}, "model_unknown_policy"),
+        ({"policy": None}, "model_unknown_policy"),
         ({"pulls": 2.5}, "model_not_decodable"),
         ({"reward_count": -1}, "model_negative_count"),
         ({"cumulative_reward": math.inf}, "model_not_finite"),
-        ({"b": _f64(np.full(D, math.nan))}, "model_not_finite"),
-        ({"a_inv": _f64(np.zeros((D, D)))}, "model_a_inv_not_positive_definite"),
-        ({"a_inv": _f64(np.identity(D) + SYMMETRY_RTOL * 10 * np.tri(D, k=-1))},
-         "model_a_inv_not_symmetric"),
+        ({"state": _v1(b=np.full(D, math.nan))}, "model_not_finite"),
+        ({"state": _v1(A_inv=np.zeros((D, D)))}, "model_not_positive_definite"),
+        ({"state": _v1(A_inv=np.identity(D) + SYMMETRY_RTOL * 10 * np.tri(D, k=-1))},
+         "model_not_symmetric"),
     ],
 )  # fmt: skip
 def test_model_rules(values: dict[str, Any], kind: str) -> None:
     row = {
-        "policy": "linucb-v1", "a_inv": _f64(np.identity(D)), "b": _f64(np.zeros(D)),
+        "policy": "linucb-v1", "state": _v1(), "state_version": 1,
         "pulls": 1, "reward_count": 1, "cumulative_reward": 1.0,
     }  # fmt: skip
     assert check_model(**row) == []
     assert kind in _kinds(check_model(**{**row, **values}))
+    memoryview_row = {**row, "state": memoryview(_v1())}  # what a driver may hand out
+    assert check_model(**memoryview_row) == []
 
 
 @pytest.mark.parametrize(
@@ -584,6 +666,12 @@ def test_model_rules(values: dict[str, Any], kind: str) -> None:
         ({"candidate_ids": ["a", 2]}, "decision_not_decodable"),
         ({"x": b"\x00" * 7}, "decision_not_decodable"),
         ({"x": _f64(np.zeros(D + 1))}, "decision_not_decodable"),
+        ({"policy": "linucb-v2"}, "decision_not_decodable"),  # d = 11, x has 5
+        ({"candidate_features": b"\x00" * 8 * 4}, "decision_not_decodable"),
+        ({"candidate_features": "text"}, "decision_not_decodable"),
+        ({"candidate_features": _f64(np.full((2, 4), math.inf))}, "decision_not_decodable"),
+        ({"context": [1]}, "decision_not_decodable"),
+        ({"context": "text"}, "decision_not_decodable"),
         ({"score": math.nan}, "decision_not_finite"),
         ({"tip_id": "c"}, "decision_tip_not_among_candidates"),
         ({"propensity": 0.0}, "decision_bad_propensity"),
@@ -595,14 +683,32 @@ def test_model_rules(values: dict[str, Any], kind: str) -> None:
     ],
 )
 def test_decision_rules(values: dict[str, Any], kind: str) -> None:
-    X = feature_matrix([c.features for c in CANDIDATES[:2]])
+    tasks = [c.features for c in CANDIDATES[:2]]
+    X = feature_matrix(tasks)
     row = {
         "policy": "linucb-v1", "tip_id": "b", "features": {"hour_of_day": 6},
         "x": _f64(X[1]), "score": 1.5, "propensity": 1.0, "candidate_ids": ["a", "b"],
-        "candidate_x": _f64(X), "reward": -1.0, "rewarded_ms": 7,
+        "candidate_x": _f64(X), "candidate_features": _f64(np.array(tasks, dtype=float)),
+        "context": {"hour_of_day": 6, "day_of_week": 0}, "reward": -1.0, "rewarded_ms": 7,
     }  # fmt: skip
     assert check_decision(**row) == []
+    assert check_decision(**{**row, "candidate_features": None, "context": None}) == []
     assert kind in _kinds(check_decision(**{**row, **values}))
+
+
+def test_a_linucb_v2_decision_is_held_to_d_11() -> None:
+    tasks = [c.features for c in CANDIDATES]
+    X = V2.features(tasks)
+    row = {
+        "policy": "linucb-v2", "tip_id": "tip-mid", "features": tasks[2]._asdict(),
+        "x": _f64(X[2]), "score": 0.5, "propensity": 1.0,
+        "candidate_ids": [c.id for c in CANDIDATES], "candidate_x": _f64(X),
+        "candidate_features": _f64(np.array(tasks, dtype=float)), "context": {},
+        "reward": None, "rewarded_ms": None,
+    }  # fmt: skip
+    assert check_decision(**row) == []
+    v1_x = _f64(feature_matrix(tasks))
+    assert _kinds(check_decision(**{**row, "candidate_x": v1_x})) == {"decision_not_decodable"}
 
 
 def test_the_report_keeps_a_bounded_number_of_examples() -> None:

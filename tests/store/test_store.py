@@ -7,7 +7,9 @@ runs on its own threads, so one store serves several event loops in turn.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
+import functools
 import itertools
 import os
 import sqlite3
@@ -15,15 +17,19 @@ import threading
 import time
 import uuid
 from collections.abc import Coroutine, Iterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, closing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import orjson
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from oo_serving.core.features import D, TaskFeatures, feature_matrix, feature_vector
+from oo_serving.core.linucb import LinUCBState
+from oo_serving.core.registry import DEFAULTS
 from oo_serving.errors import SchemaTooNew, StoreBusy, StoreUnavailable, TipMismatch, UnknownEvent
 from oo_serving.service import Candidate, EventIds, Service
 from oo_serving.settings import Settings
@@ -31,16 +37,23 @@ from oo_serving.store import migrations
 from oo_serving.store.base import (
     EXPORT_PAGE_ROWS,
     EXPORTS_AT_ONCE,
+    FOLDED_SHARD,
+    POOLED_FOLD_AFTER_MS,
+    POOLED_MAX_SHARDS,
     DecisionLookup,
     DecisionRecord,
     DecisionRef,
     HistoryEntry,
+    LoggedReward,
+    Replay,
+    ReplayNeeded,
     RewardWrite,
     ScoreWrite,
     Store,
     UserRecord,
 )
 from oo_serving.store.factory import open_store
+from oo_serving.store.postgres import _SCHEMA_TABLE
 from oo_serving.store.sqlite import SQLiteStore
 
 T = TypeVar("T")
@@ -87,7 +100,7 @@ def store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Itera
     run(s.open())
     if backend == "postgres":
         with psycopg.connect(settings.database_url, autocommit=True) as conn:
-            conn.execute("TRUNCATE user_model, decision")
+            conn.execute("TRUNCATE user_model, decision, pooled")
     yield s
     run(s.close())
 
@@ -95,6 +108,25 @@ def store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Itera
 # ── records made by hand ─────────────────────────────────────────────────────
 
 FEATURES = {"hour_of_day": 9, "is_overdue": True, "task_age_days": 2.5, "priority": 3}
+CONTEXT = {"hour_of_day": 9, "day_of_week": 1}
+V1 = DEFAULTS["linucb-v1"]
+
+
+def v1_state(A_inv: np.ndarray | None = None, b: np.ndarray | None = None) -> bytes:
+    """A linucb-v1 state as stored: A⁻¹ (identity by default), then b (zeros)."""
+    return V1.encode(
+        LinUCBState(
+            A_inv=np.identity(D) if A_inv is None else A_inv, b=np.zeros(D) if b is None else b
+        )
+    )
+
+
+def v1_arrays(user: UserRecord | None) -> LinUCBState:
+    """A stored linucb-v1 model's (A⁻¹, b)."""
+    assert user is not None
+    assert (user.policy, user.state_version) == ("linucb-v1", 1)
+    state: LinUCBState = V1.decode(user.state, user.state_version)
+    return state
 
 
 def make_user(
@@ -103,15 +135,14 @@ def make_user(
     pulls: int = 1,
     reward_count: int = 0,
     cumulative_reward: float = 0.0,
-    A_inv: np.ndarray | None = None,
-    b: np.ndarray | None = None,
+    state: bytes | None = None,
     ts: int = 1_000,
 ) -> UserRecord:
     return UserRecord(
         user_id=user_id,
         policy="linucb-v1",
-        A_inv=np.identity(D) if A_inv is None else A_inv,
-        b=np.zeros(D) if b is None else b,
+        state=v1_state() if state is None else state,
+        state_version=1,
         pulls=pulls,
         reward_count=reward_count,
         cumulative_reward=cumulative_reward,
@@ -127,15 +158,18 @@ def make_decision(
     tip_id: str = "tip-a",
     x: np.ndarray | None = None,
     score: float = 0.5,
+    features: dict[str, Any] | None = None,
 ) -> DecisionRecord:
     x = np.full(D, seq / 8.0) if x is None else x
+    features = dict(FEATURES) if features is None else features
+    raw = np.array([list(features.values()), [seq % 24, 0, 0.5, 1]], dtype=np.float64)
     return DecisionRecord(
         user_id=user_id,
         seq=seq,
         event_id=event_id,
         ts_ms=1_000 + seq,
         tip_id=tip_id,
-        features=dict(FEATURES),
+        features=features,
         x=x,
         score=score,
         policy="linucb-v1",
@@ -143,6 +177,8 @@ def make_decision(
         model_version=0,
         candidate_ids=(tip_id, "other"),
         candidate_X=np.stack([x, -x]),
+        candidate_features=raw,
+        context=dict(CONTEXT),
     )
 
 
@@ -155,21 +191,37 @@ def log_decision(
     tip_id: str = "tip-a",
     x: np.ndarray | None = None,
     keep_from_seq: int = 1,
+    features: dict[str, Any] | None = None,
 ) -> ScoreWrite:
     """One score transaction that writes the user at pulls=seq and logs one decision."""
     write = ScoreWrite(
         user=make_user(user_id, pulls=seq),
-        decision=make_decision(user_id, seq, event_id, tip_id=tip_id, x=x),
+        decision=make_decision(user_id, seq, event_id, tip_id=tip_id, x=x, features=features),
         keep_from_seq=keep_from_seq,
     )
-    return run(store.score_tx(user_id, lambda _user: write))
+    return run(store.score_tx(user_id, lambda _user, _replay: write))
+
+
+def reward_decision(
+    store: Store, user_id: str, event_id: str, reward: float, ts: int
+) -> RewardWrite:
+    """One reward transaction that marks event_id rewarded (and writes the user as is)."""
+
+    def fn(user: UserRecord | None, ref: DecisionRef | None, _replay: Replay | None) -> RewardWrite:
+        assert user is not None
+        assert ref is not None
+        return RewardWrite(user, event_id, reward, ts, event_id)
+
+    return run(store.reward_tx(user_id, DecisionLookup(tip_id=None, event_id=event_id), fn))
 
 
 def peek(store: Store, user_id: str, lookup: DecisionLookup) -> DecisionRef | None:
     """The decision a reward would join to, through a reward transaction that writes nothing."""
     seen: list[DecisionRef | None] = []
 
-    def look(_user: UserRecord | None, ref: DecisionRef | None) -> RewardWrite:
+    def look(
+        _user: UserRecord | None, ref: DecisionRef | None, _replay: Replay | None
+    ) -> RewardWrite:
         seen.append(ref)
         return RewardWrite(None, None, 0.0, 0, None)
 
@@ -186,14 +238,53 @@ def assert_same_user(a: UserRecord | None, b: UserRecord | None) -> None:
     assert b is not None
     assert a.user_id == b.user_id
     assert a.policy == b.policy
-    assert a.A_inv.tobytes() == b.A_inv.tobytes()
-    assert a.b.tobytes() == b.b.tobytes()
+    assert type(a.state) is bytes
+    assert a.state == b.state
+    assert a.state_version == b.state_version
     assert (a.pulls, a.reward_count, a.cumulative_reward, a.last_updated_ms) == (
         b.pulls,
         b.reward_count,
         b.cumulative_reward,
         b.last_updated_ms,
     )
+
+
+def execute(store: Store, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """One statement on the store's database, behind the store's back (`?` placeholders on
+    both backends); its rows."""
+    if isinstance(store, SQLiteStore):
+        with closing(sqlite3.connect(store.path, isolation_level=None)) as conn:
+            return [tuple(r) for r in conn.execute(sql, params).fetchall()]
+    dsn = store.dsn  # type: ignore[attr-defined]
+    with psycopg.connect(dsn, autocommit=True) as pg:
+        cur = pg.execute(sql.replace("?", "%s").encode(), params)
+        return [tuple(r) for r in cur.fetchall()] if cur.description else []
+
+
+def reopened(store: Store) -> Store:
+    """A second store on the same database, opened."""
+    other: Store
+    if isinstance(store, SQLiteStore):
+        other = sqlite_store(store.path)
+    else:
+        other = open_store(Settings(database_url=store.dsn))  # type: ignore[attr-defined]
+    run(other.open())
+    return other
+
+
+def assert_write_locked(store: Store, user_id: str) -> None:
+    """Another connection cannot take the user's lock now: a transaction holds it."""
+    if isinstance(store, SQLiteStore):
+        conn = sqlite3.connect(store.path, timeout=0, isolation_level=None)
+        with closing(conn), pytest.raises(sqlite3.OperationalError, match="locked"):
+            conn.execute("BEGIN IMMEDIATE")
+        return
+    dsn = store.dsn  # type: ignore[attr-defined]
+    with (
+        psycopg.connect(dsn, autocommit=True) as pg,
+        pytest.raises(psycopg.errors.LockNotAvailable),
+    ):
+        pg.execute("SELECT 1 FROM user_model WHERE user_id = %s FOR UPDATE NOWAIT", (user_id,))
 
 
 class Boom(Exception):
@@ -222,7 +313,7 @@ def test_score_tx_creates_the_user_and_logs_the_decision(store: Store) -> None:
         keep_from_seq=1,
     )
 
-    def fn(user: UserRecord | None) -> ScoreWrite:
+    def fn(user: UserRecord | None, _replay: Replay | None) -> ScoreWrite:
         seen.append(user)
         return write
 
@@ -242,6 +333,8 @@ def test_score_tx_creates_the_user_and_logs_the_decision(store: Store) -> None:
     assert ref is not None
     assert (ref.seq, ref.event_id, ref.tip_id, ref.reward) == (1, "ev-1", "tip-z", None)
     assert ref.x.tobytes() == x.tobytes()
+    assert (ref.policy, ref.features) == ("linucb-v1", FEATURES)
+    assert type(ref.features["is_overdue"]) is bool
 
 
 def test_score_tx_passes_the_stored_row_to_fn(store: Store) -> None:
@@ -249,7 +342,7 @@ def test_score_tx_passes_the_stored_row_to_fn(store: Store) -> None:
     stored = run(store.get_user("u1"))
     seen: list[UserRecord | None] = []
 
-    def fn(user: UserRecord | None) -> ScoreWrite:
+    def fn(user: UserRecord | None, _replay: Replay | None) -> ScoreWrite:
         seen.append(user)
         return ScoreWrite(make_user("u1", pulls=2), make_decision("u1", 2, "ev-2"), 1)
 
@@ -260,7 +353,7 @@ def test_score_tx_passes_the_stored_row_to_fn(store: Store) -> None:
     assert event_ids_of(store, "u1") == ["ev-1", "ev-2"]
 
 
-def test_arrays_round_trip_bit_exactly(store: Store) -> None:
+def test_state_and_arrays_round_trip_bit_exactly(store: Store) -> None:
     rng = np.random.default_rng(99)
     A_inv = rng.standard_normal((D, D)) * 10.0 ** rng.integers(-300, 300, (D, D))
     A_inv[0, 0] = -0.0
@@ -271,22 +364,19 @@ def test_arrays_round_trip_bit_exactly(store: Store) -> None:
     b = np.array([np.pi, -np.e, 1e-310, -1e308, 0.1])
     x = np.array([np.nextafter(0.5, 0.0), 2 / 3, -0.0, 1e-17, 0.7])
     write = ScoreWrite(
-        user=make_user("u1", A_inv=A_inv, b=b, cumulative_reward=0.1 + 0.2),
+        user=make_user("u1", state=v1_state(A_inv, b), cumulative_reward=0.1 + 0.2),
         decision=make_decision("u1", 1, "ev-1", x=x, score=np.nextafter(0.3, 1.0)),
         keep_from_seq=1,
     )
-    run(store.score_tx("u1", lambda _user: write))
+    run(store.score_tx("u1", lambda _user, _replay: write))
 
     user = run(store.get_user("u1"))
     assert user is not None
-    assert user.A_inv.dtype == np.float64
-    assert user.A_inv.shape == (D, D)
-    assert user.A_inv.tobytes() == A_inv.tobytes()
-    assert user.b.dtype == np.float64
-    assert user.b.shape == (D,)
-    assert user.b.tobytes() == b.tobytes()
+    assert user.state == write.user.state
+    state = v1_arrays(user)
+    assert state.A_inv.tobytes() == A_inv.tobytes()
+    assert state.b.tobytes() == b.tobytes()
     assert user.cumulative_reward == 0.1 + 0.2
-    assert user.A_inv.flags.writeable
     ref = peek(store, "u1", DecisionLookup(tip_id="tip-a", event_id="ev-1"))
     assert ref is not None
     assert ref.x.dtype == np.float64
@@ -294,11 +384,24 @@ def test_arrays_round_trip_bit_exactly(store: Store) -> None:
     assert run(store.history("u1", 1))[0].score == np.nextafter(0.3, 1.0)
 
 
+def test_a_state_is_opaque_bytes_of_any_policy_and_version(store: Store) -> None:
+    """The store reads nothing inside a state: every byte value, NULs and invalid UTF-8
+    included, of any length (none too), comes back as written, with its version."""
+    for i, state in enumerate([bytes(range(256)) * 3, b"\x00", b"", b"\xc3\x28\x00\xff"]):
+        user = UserRecord(f"u{i}", "some-policy", state, 7 + i, 1, 0, 0.0, 5)
+        write = ScoreWrite(user, make_decision(f"u{i}", 1, "ev-1"), 1)
+        run(store.score_tx(f"u{i}", functools.partial(lambda w, _user, _replay: w, write)))
+        stored = run(store.get_user(f"u{i}"))
+        assert stored is not None
+        assert (stored.policy, stored.state, stored.state_version) == ("some-policy", state, 7 + i)
+        assert type(stored.state) is bytes
+
+
 # ── nothing is written when fn raises ────────────────────────────────────────
 
 
 def test_score_fn_that_raises_writes_nothing_for_a_new_user(store: Store) -> None:
-    def fn(_user: UserRecord | None) -> ScoreWrite:
+    def fn(_user: UserRecord | None, _replay: Replay | None) -> ScoreWrite:
         raise Boom
 
     with pytest.raises(Boom):
@@ -311,7 +414,7 @@ def test_score_fn_that_raises_writes_nothing_for_an_existing_user(store: Store) 
     log_decision(store, "u1", 1, "ev-1")
     before = run(store.get_user("u1"))
 
-    def fn(_user: UserRecord | None) -> ScoreWrite:
+    def fn(_user: UserRecord | None, _replay: Replay | None) -> ScoreWrite:
         raise Boom("no")
 
     with pytest.raises(Boom, match="no"):
@@ -331,7 +434,7 @@ def test_a_score_write_that_fails_midway_is_rolled_back(store: Store) -> None:
         keep_from_seq=2,  # would prune seq 1
     )
     with pytest.raises(StoreUnavailable):
-        run(store.score_tx("u1", lambda _user: clash))
+        run(store.score_tx("u1", lambda _user, _replay: clash))
     assert_same_user(run(store.get_user("u1")), before)
     assert event_ids_of(store, "u1") == ["ev-1", "ev-2"]
 
@@ -341,7 +444,9 @@ def test_reward_fn_that_raises_writes_nothing(store: Store) -> None:
     before = run(store.get_user("u1"))
     calls: list[DecisionRef | None] = []
 
-    def fn(_user: UserRecord | None, ref: DecisionRef | None) -> RewardWrite:
+    def fn(
+        _user: UserRecord | None, ref: DecisionRef | None, _replay: Replay | None
+    ) -> RewardWrite:
         calls.append(ref)
         raise Boom
 
@@ -357,7 +462,9 @@ def test_reward_fn_that_raises_writes_nothing(store: Store) -> None:
 
 
 def test_reward_fn_that_raises_for_a_new_user_writes_nothing(store: Store) -> None:
-    def fn(_user: UserRecord | None, _ref: DecisionRef | None) -> RewardWrite:
+    def fn(
+        _user: UserRecord | None, _ref: DecisionRef | None, _replay: Replay | None
+    ) -> RewardWrite:
         raise Boom
 
     with pytest.raises(Boom):
@@ -366,7 +473,7 @@ def test_reward_fn_that_raises_for_a_new_user_writes_nothing(store: Store) -> No
 
 
 def test_the_store_keeps_working_after_a_failed_transaction(store: Store) -> None:
-    def fn(_user: UserRecord | None) -> ScoreWrite:
+    def fn(_user: UserRecord | None, _replay: Replay | None) -> ScoreWrite:
         raise Boom
 
     with pytest.raises(Boom):
@@ -440,7 +547,7 @@ def test_a_deleted_user_starts_over(store: Store) -> None:
     assert run(store.delete_user("u1")) is True
     seen: list[UserRecord | None] = []
 
-    def fn(user: UserRecord | None) -> ScoreWrite:
+    def fn(user: UserRecord | None, _replay: Replay | None) -> ScoreWrite:
         seen.append(user)
         return ScoreWrite(make_user("u1"), make_decision("u1", 1, "ev-again"), 1)
 
@@ -460,7 +567,7 @@ def test_export_holds_the_model_and_every_kept_decision_of_that_user_only(store:
         store.reward_tx(
             "u1",
             DecisionLookup(tip_id="tip-a", event_id="a-3"),
-            lambda user, ref: RewardWrite(
+            lambda user, ref, replay: RewardWrite(
                 make_user("u1", pulls=3, reward_count=1, cumulative_reward=0.5),
                 reward_event="a-3",
                 reward=0.5,
@@ -483,7 +590,58 @@ def test_export_holds_the_model_and_every_kept_decision_of_that_user_only(store:
         assert d.candidate_ids == expected.candidate_ids
         assert d.candidate_X.tobytes() == expected.candidate_X.tobytes()
         assert d.x.tobytes() == expected.x.tobytes()
+        assert d.candidate_features is not None
+        assert expected.candidate_features is not None
+        assert d.candidate_features.shape == (2, 4)
+        assert d.candidate_features.tobytes() == expected.candidate_features.tobytes()
+        assert d.context == CONTEXT
+        assert (d.policy, d.propensity, d.model_version) == ("linucb-v1", 1.0, 0)
     assert [(d.reward, d.rewarded_ms) for d in decisions] == [(None, None), (0.5, 9_000)]
+
+
+def test_new_decision_columns_round_trip_through_export(store: Store) -> None:
+    """Raw features bit for bit (is_overdue as 0.0/1.0), in candidate order; the context
+    as given, an empty one included."""
+    raw = np.array([[23, 1.0, np.nextafter(2.5, 3.0), 4], [0, 0.0, 0.0, 1], [12, 1.0, 1e-300, 2]])
+    x = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    X = np.stack([x, 2 * x, 3 * x])
+    d = DecisionRecord(
+        user_id="u1", seq=1, event_id="ev-1", ts_ms=5, tip_id="c", features=dict(FEATURES),
+        x=X[2], score=0.25, policy="linucb-v1", propensity=0.5, model_version=0,
+        candidate_ids=("a", "b", "c"), candidate_X=X, candidate_features=raw,
+        context={"hour_of_day": 23, "day_of_week": 6},
+    )  # fmt: skip
+    run(store.score_tx("u1", lambda _user, _replay: ScoreWrite(make_user("u1"), d, 1)))
+    empty = DecisionRecord(
+        user_id="u1", seq=2, event_id="ev-2", ts_ms=6, tip_id="a", features=dict(FEATURES),
+        x=x, score=0.25, policy="linucb-v1", propensity=1.0, model_version=0,
+        candidate_ids=("a",), candidate_X=x[None, :], candidate_features=raw[:1], context={},
+    )  # fmt: skip
+    run(store.score_tx("u1", lambda _u, _r: ScoreWrite(make_user("u1", pulls=2), empty, 1)))
+
+    _, decisions = export_all(store, "u1")
+
+    first, second = decisions
+    assert first.candidate_features is not None
+    assert first.candidate_features.dtype == np.float64
+    assert first.candidate_features.tobytes() == raw.tobytes()
+    assert first.context == {"hour_of_day": 23, "day_of_week": 6}
+    assert (first.propensity, first.candidate_ids) == (0.5, ("a", "b", "c"))
+    assert second.candidate_features is not None
+    assert second.candidate_features.tobytes() == raw[:1].tobytes()
+    assert second.context == {}
+
+
+def test_decisions_logged_before_raw_features_read_as_none_and_empty_context(
+    store: Store,
+) -> None:
+    log_decision(store, "u1", 1, "ev-1")
+    execute(store, "UPDATE decision SET candidate_features = NULL, context = NULL")
+
+    _, decisions = export_all(store, "u1")
+
+    assert [(d.candidate_features, d.context) for d in decisions] == [(None, {})]
+    assert decisions[0].candidate_X.shape == (2, D)
 
 
 def test_export_of_an_unknown_user_is_empty(store: Store) -> None:
@@ -504,7 +662,7 @@ def test_export_comes_in_bounded_pages_of_one_snapshot(store: Store) -> None:
             late = ScoreWrite(
                 make_user("u1", pulls=total + 1), make_decision("u1", total + 1, "late"), 1
             )
-            await store.score_tx("u1", lambda _: late)
+            await store.score_tx("u1", lambda _user, _replay: late)
             assert await store.delete_user("u1")
             return export.user, [first] + [page async for page in export.pages]
 
@@ -592,9 +750,13 @@ def test_reward_tx_passes_the_user_row_and_writes_it(store: Store) -> None:
     log_decision(store, "u1", 1, "ev-1")
     stored = run(store.get_user("u1"))
     seen: list[UserRecord | None] = []
-    new_user = make_user("u1", reward_count=1, cumulative_reward=0.5, b=np.full(D, 0.5), ts=9)
+    new_user = make_user(
+        "u1", reward_count=1, cumulative_reward=0.5, state=v1_state(b=np.full(D, 0.5)), ts=9
+    )
 
-    def fn(user: UserRecord | None, _ref: DecisionRef | None) -> RewardWrite:
+    def fn(
+        user: UserRecord | None, _ref: DecisionRef | None, _replay: Replay | None
+    ) -> RewardWrite:
         seen.append(user)
         return RewardWrite(new_user, "ev-1", 0.5, 9, "ev-1")
 
@@ -612,7 +774,11 @@ def test_reward_event_is_marked_only_once(store: Store) -> None:
     log_decision(store, "u2", 1, "ev-1")
     lookup = DecisionLookup(tip_id="tip-a", event_id="ev-1")
 
-    run(store.reward_tx("u1", lookup, lambda _u, _r: RewardWrite(None, "ev-1", 0.75, 10, "ev-1")))
+    run(
+        store.reward_tx(
+            "u1", lookup, lambda _u, _r, _replay: RewardWrite(None, "ev-1", 0.75, 10, "ev-1")
+        )
+    )
     first = peek(store, "u1", lookup)
     assert first is not None
     assert first.reward == 0.75
@@ -620,7 +786,7 @@ def test_reward_event_is_marked_only_once(store: Store) -> None:
     # Asked to mark it again, the store changes no row, so it refuses the whole write.
     again = RewardWrite(make_user("u1", reward_count=2), "ev-1", -1.0, 20, "ev-1")
     with pytest.raises(StoreUnavailable):
-        run(store.reward_tx("u1", lookup, lambda _u, _r: again))
+        run(store.reward_tx("u1", lookup, lambda _u, _r, _replay: again))
     assert run(store.get_user("u1")).reward_count == 0  # type: ignore[union-attr]
     second = peek(store, "u1", lookup)
     assert second is not None
@@ -629,6 +795,287 @@ def test_reward_event_is_marked_only_once(store: Store) -> None:
     other = peek(store, "u2", lookup)
     assert other is not None
     assert other.reward is None
+
+
+# ── replay: a function that needs the user's learned rewards ────────────────
+
+
+def features_of(i: int) -> dict[str, Any]:
+    return {"hour_of_day": i, "is_overdue": i % 2 == 1, "task_age_days": i / 4, "priority": 1}
+
+
+def as_tuples(replay: Replay | None) -> list[tuple[dict[str, Any], float]] | None:
+    return None if replay is None else [(r.features, r.reward) for r in replay]
+
+
+def log_and_reward(store: Store) -> list[tuple[dict[str, Any], float]]:
+    """u1 with 5 decisions, 4 rewarded out of seq order (and 2 at the same time), and u2
+    with one; u1's Replay, as it must come: by rewarded_ms, then seq."""
+    for seq in range(1, 6):
+        log_decision(store, "u1", seq, f"ev-{seq}", features=features_of(seq))
+    log_decision(store, "u2", 1, "other", features=features_of(20))
+    reward_decision(store, "u1", "ev-4", 0.25, 100)
+    reward_decision(store, "u1", "ev-3", -1.0, 200)
+    reward_decision(store, "u1", "ev-1", 0.5, 200)
+    reward_decision(store, "u1", "ev-2", 1.0, 150)
+    reward_decision(store, "u2", "other", 1.0, 50)
+    return [
+        (features_of(4), 0.25),
+        (features_of(2), 1.0),
+        (features_of(1), 0.5),
+        (features_of(3), -1.0),
+    ]
+
+
+def test_score_fn_that_needs_a_replay_gets_the_learned_rewards_in_order(store: Store) -> None:
+    expected = log_and_reward(store)
+    before = run(store.get_user("u1"))
+    calls: list[tuple[UserRecord | None, Replay | None]] = []
+    write = ScoreWrite(make_user("u1", pulls=6, reward_count=4), make_decision("u1", 6, "ev-6"), 1)
+
+    def fn(user: UserRecord | None, replay: Replay | None) -> ScoreWrite:
+        calls.append((user, replay))
+        if replay is None:
+            raise ReplayNeeded
+        assert_write_locked(store, "u1")  # the same transaction, the row still locked
+        return write
+
+    assert run(store.score_tx("u1", fn)) is write
+
+    assert [as_tuples(replay) for _, replay in calls] == [None, expected]
+    second = calls[1][1]
+    assert second is not None
+    assert all(type(r) is LoggedReward for r in second)
+    assert [type(r.features["is_overdue"]) for r in second] == [bool] * 4
+    assert [type(r.features["task_age_days"]) for r in second] == [float] * 4
+    for user, _ in calls:
+        assert_same_user(user, before)
+    assert run(store.get_user("u1")).reward_count == 4  # type: ignore[union-attr]
+    assert event_ids_of(store, "u1")[-1] == "ev-6"
+
+
+def test_reward_fn_that_needs_a_replay_gets_it_with_the_same_decision(store: Store) -> None:
+    expected = log_and_reward(store)
+    calls: list[tuple[DecisionRef | None, Replay | None]] = []
+    lookup = DecisionLookup(tip_id=None, event_id="ev-5")
+
+    def fn(user: UserRecord | None, ref: DecisionRef | None, replay: Replay | None) -> RewardWrite:
+        calls.append((ref, replay))
+        if replay is None:
+            raise ReplayNeeded
+        assert_write_locked(store, "u1")
+        return RewardWrite(make_user("u1", pulls=5, reward_count=5), "ev-5", 0.75, 300, "ev-5")
+
+    run(store.reward_tx("u1", lookup, fn))
+
+    assert [as_tuples(replay) for _, replay in calls] == [None, expected]
+    first, second = calls[0][0], calls[1][0]
+    assert first is not None
+    assert second is not None
+    assert (second.seq, second.event_id, second.tip_id, second.policy, second.reward) == (
+        5, "ev-5", "tip-a", "linucb-v1", None,
+    )  # fmt: skip
+    assert second.features == features_of(5)
+    assert type(second.features["is_overdue"]) is bool
+    assert second.x.tobytes() == first.x.tobytes() == np.full(D, 5 / 8).tobytes()
+    assert peek(store, "u1", lookup).reward == 0.75  # type: ignore[union-attr]
+
+
+def test_a_replay_of_a_user_without_rewards_is_empty(store: Store) -> None:
+    log_decision(store, "u1", 1, "ev-1")
+    seen: list[Replay | None] = []
+
+    def fn(_user: UserRecord | None, replay: Replay | None) -> ScoreWrite:
+        seen.append(replay)
+        if replay is None:
+            raise ReplayNeeded
+        return make_write("u1", 2)
+
+    run(store.score_tx("u1", fn))
+    run(
+        store.score_tx(
+            "nobody", lambda u, r: make_write("nobody", 1) if r is not None else fn(u, r)
+        )
+    )
+    assert [as_tuples(r) for r in seen] == [None, [], None]
+
+
+@pytest.mark.parametrize("second", [Boom, ReplayNeeded])
+def test_a_replayed_fn_that_raises_writes_nothing(store: Store, second: type[Exception]) -> None:
+    log_and_reward(store)
+    before = run(store.get_user("u1"))
+    events = event_ids_of(store, "u1")
+
+    def score(_user: UserRecord | None, replay: Replay | None) -> ScoreWrite:
+        if replay is None:
+            raise ReplayNeeded
+        raise second
+
+    def reward(
+        _u: UserRecord | None, _ref: DecisionRef | None, replay: Replay | None
+    ) -> RewardWrite:
+        if replay is None:
+            raise ReplayNeeded
+        raise second
+
+    with pytest.raises(second):
+        run(store.score_tx("u1", score))
+    with pytest.raises(second):
+        run(store.reward_tx("u1", DecisionLookup(tip_id=None, event_id="ev-5"), reward))
+    with pytest.raises(second):
+        run(store.score_tx("new-user", score))
+
+    assert_same_user(run(store.get_user("u1")), before)
+    assert event_ids_of(store, "u1") == events
+    assert peek(store, "u1", DecisionLookup(tip_id=None, event_id="ev-5")).reward is None  # type: ignore[union-attr]
+    assert run(store.get_user("new-user")) is None
+    log_decision(store, "u1", 6, "ev-6")  # the store goes on
+    assert event_ids_of(store, "u1") == [*events, "ev-6"]
+
+
+# ── pooled population statistics ─────────────────────────────────────────────
+
+
+def f64(*values: float) -> np.ndarray:
+    return np.array(values, dtype=np.float64)
+
+
+def pooled_rows(store: Store, policy: str) -> dict[str, tuple[int, list[float], int]]:
+    """The stored rows of `policy`: shard -> (count, stats, updated_ms)."""
+    rows = execute(
+        store, "SELECT shard, count, stats, updated_ms FROM pooled WHERE policy = ?", (policy,)
+    )
+    return {r[0]: (r[1], np.frombuffer(bytes(r[2]), dtype="<f8").tolist(), r[3]) for r in rows}
+
+
+def assert_pooled(store: Store, policy: str, count: int, stats: list[float]) -> None:
+    pooled = run(store.pooled(policy))
+    assert pooled is not None
+    assert pooled.count == count
+    assert pooled.stats.dtype == np.float64
+    assert pooled.stats.tolist() == stats
+
+
+def test_pooled_adds_up_across_shards_and_calls(store: Store) -> None:
+    assert run(store.pooled("linucb-v2")) is None
+    run(store.add_pooled("linucb-v2", "host-1", 3, f64(1.0, -0.5, 0.25), 10))
+    run(store.add_pooled("linucb-v2", "host-2", 2, f64(0.5, 0.5, 0.5), 11))
+    run(store.add_pooled("linucb-v2", "host-1", 1, f64(0.125, 0.0, -0.25), 12))
+    run(store.add_pooled("other", "host-1", 7, f64(9.0), 13))
+
+    assert_pooled(store, "linucb-v2", 6, [1.625, 0.0, 0.5])
+    assert_pooled(store, "other", 7, [9.0])
+    assert run(store.pooled("linucb-v1")) is None
+    assert pooled_rows(store, "linucb-v2") == {
+        "host-1": (4, [1.125, -0.5, 0.0], 12),
+        "host-2": (2, [0.5, 0.5, 0.5], 11),
+    }
+
+
+def test_pooled_sums_are_stored_bit_exactly_and_survive_a_reopen(store: Store) -> None:
+    tiny = f64(5e-324, -0.0, np.nextafter(1.0, 2.0), 1e308)
+    run(store.add_pooled("p", "a", 1, tiny, 1))
+    run(store.add_pooled("p", "b", 0, np.zeros(4), 2))
+    other = reopened(store)
+    try:
+        pooled = run(other.pooled("p"))
+        assert pooled is not None
+        assert pooled.count == 1
+        assert pooled.stats.tobytes() == (tiny + 0.0).tobytes()
+        run(other.add_pooled("p", "a", 2, f64(1, 1, 1, 1), 3))
+    finally:
+        run(other.close())
+    assert pooled_rows(store, "p")["a"][0] == 3
+
+
+def test_pooled_stats_of_another_length_are_refused_and_nothing_changes(store: Store) -> None:
+    run(store.add_pooled("p", "a", 1, f64(1.0, 2.0), 1))
+    with pytest.raises(ValueError, match="pooled"):
+        run(store.add_pooled("p", "a", 1, f64(1.0, 2.0, 3.0), 2))
+    with pytest.raises(ValueError, match="flat"):
+        run(store.add_pooled("p", "a", 1, np.ones((2, 2)), 2))
+    assert pooled_rows(store, "p") == {"a": (1, [1.0, 2.0], 1)}
+    run(store.add_pooled("p", "b", 1, f64(1.0, 2.0, 3.0), 3))  # another shard: stored, but
+    with pytest.raises(ValueError, match="pooled"):  # the rows no longer add up
+        run(store.pooled("p"))
+
+
+def test_pooled_rows_survive_erasing_a_user(store: Store) -> None:
+    log_decision(store, "u1", 1, "ev-1")
+    run(store.add_pooled("p", "a", 1, f64(1.0), 1))
+    assert run(store.delete_user("u1")) is True
+    assert_pooled(store, "p", 1, [1.0])
+
+
+def test_stale_shards_are_folded_beyond_the_limit_keeping_the_sum(store: Store) -> None:
+    """Old shards (of restarted processes) and recent ones, up to POOLED_MAX_SHARDS rows:
+    nothing is folded. One row more, and that write folds every shard not written for
+    POOLED_FOLD_AFTER_MS into FOLDED_SHARD, in the same transaction, the sum unchanged.
+    Stats are multiples of 1/8, so every sum is exact whatever its order."""
+    now = 10 * POOLED_FOLD_AFTER_MS
+    old = now - POOLED_FOLD_AFTER_MS - 1
+    stale = POOLED_MAX_SHARDS - 3
+    count, total = 0, np.zeros(2)
+    for i in range(stale):
+        stats = f64(i / 8, -i / 4)
+        run(store.add_pooled("p", f"old-{i:02d}", i + 1, stats, old - i))
+        count, total = count + i + 1, total + stats
+    for i in range(3):  # written within the hour: kept as they are
+        ts = now - POOLED_FOLD_AFTER_MS + i
+        run(store.add_pooled("p", f"recent-{i}", 1, f64(1.0, 1.0), ts))
+        count, total = count + 1, total + 1.0
+    run(store.add_pooled("other", "old", 5, f64(2.0), 0))  # another policy: never folded
+    run(store.add_pooled("p", "old-00", 1, f64(0.5, 0.5), now))  # no row more: no fold
+    count, total = count + 1, total + 0.5
+    assert len(pooled_rows(store, "p")) == POOLED_MAX_SHARDS
+    assert FOLDED_SHARD not in pooled_rows(store, "p")
+    assert_pooled(store, "p", count, total.tolist())
+
+    run(store.add_pooled("p", "mine", 2, f64(0.25, 0.25), now))
+    count, total = count + 2, total + 0.25
+
+    rows = pooled_rows(store, "p")
+    kept = ["mine", "old-00", "recent-0", "recent-1", "recent-2"]
+    assert sorted(rows) == sorted([FOLDED_SHARD, *kept])
+    assert rows["mine"] == (2, [0.25, 0.25], now)
+    assert rows["old-00"] == (2, [0.5, 0.5], now)
+    assert rows[FOLDED_SHARD][0] == sum(i + 1 for i in range(1, stale))
+    assert_pooled(store, "p", count, total.tolist())
+    assert pooled_rows(store, "other") == {"old": (5, [2.0], 0)}
+
+    # Past the limit again later: the folded shard takes the newly stale ones in too.
+    later = now + 2 * POOLED_FOLD_AFTER_MS
+    for i in range(POOLED_MAX_SHARDS):
+        run(store.add_pooled("p", f"new-{i:02d}", 1, f64(1.0, -1.0), now + i))
+        count, total = count + 1, total + f64(1.0, -1.0)
+    run(store.add_pooled("p", "last", 1, f64(0.0, 0.0), later))
+    count += 1
+    assert sorted(pooled_rows(store, "p")) == [FOLDED_SHARD, "last"]
+    assert_pooled(store, "p", count, total.tolist())
+
+
+def test_concurrent_pooled_writes_all_count(store: Store) -> None:
+    """Shards written at once, each by several writers, new rows included; then two
+    writers at once each past the limit, both folding: every increment counts once."""
+
+    async def at_once(calls: list[tuple[str, int, np.ndarray, int]]) -> None:
+        await asyncio.gather(*(store.add_pooled("p", *call) for call in calls))
+
+    run(at_once([(f"s{i % 5}", 1, f64(i / 8, 1.0), 1_000 + i) for i in range(60)]))
+    assert_pooled(store, "p", 60, [sum(i / 8 for i in range(60)), 60.0])
+    assert {shard: row[0] for shard, row in pooled_rows(store, "p").items()} == {
+        f"s{i}": 12 for i in range(5)
+    }
+
+    for i in range(POOLED_MAX_SHARDS):
+        run(store.add_pooled("p", f"old-{i:02d}", 1, f64(1.0, 0.0), 2_000))
+    now = 2_000 + 2 * POOLED_FOLD_AFTER_MS
+    run(at_once([("writer-a", 1, f64(0.5, 0.5), now), ("writer-b", 1, f64(0.5, 0.5), now)]))
+
+    rows = pooled_rows(store, "p")
+    assert sorted(rows) == [FOLDED_SHARD, "writer-a", "writer-b"]
+    total = [sum(i / 8 for i in range(60)) + POOLED_MAX_SHARDS + 1.0, 61.0]
+    assert_pooled(store, "p", 60 + POOLED_MAX_SHARDS + 2, total)
 
 
 # ── migrations (SQLite) ──────────────────────────────────────────────────────
@@ -680,6 +1127,166 @@ def test_opening_twice_is_a_no_op(tmp_path: Path) -> None:
     conn.close()
     assert version == len(migrations.load("sqlite"))
     assert mode == "wal"
+
+
+# ── migration 0003: a model becomes its policy's state ───────────────────────
+
+
+def prototype_models() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """linucb-v1 models as schema 2 stored them, (A⁻¹, b), sound (so the check passes)
+    and with bytes that a text conversion would break: NULs (every 0.0), invalid UTF-8,
+    subnormals, -0.0."""
+    odd = np.frombuffer(bytes([0xC3, 0x28, 0x00, 0xFF, 0x00, 0x80, 0xF0, 0x3F]), dtype="<f8")[0]
+    learned = LinUCBState(np.identity(D), np.zeros(D))
+    for x, r in [(f64(0.0, 1.0, 1.0, 0.5, 1.0), 1.0), (f64(0.5, 0.0, 0.0, 1 / 3, 0.0), -0.5)]:
+        learned = V1.update(learned, x, r)
+    return {
+        "diagonal": (
+            np.diag([1 / 3, 5e-324, 1.0, odd, np.nextafter(1.0, 0.0)]),
+            f64(0.0, -0.0, np.pi, -1e308, 1e-310),
+        ),
+        "learned": (learned.A_inv, learned.b),
+        "fresh": (np.identity(D), np.zeros(D)),
+    }
+
+
+def database_at_schema_2(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A database made by this project's migrations 1 and 2, applied by hand, holding
+    prototype_models() (one decision each), and on PostgreSQL a row never filled."""
+    old = migrations.load(backend)[:2]
+    user_sql = (
+        "INSERT INTO user_model (user_id, policy, a_inv, b, pulls, reward_count,"
+        " cumulative_reward, last_updated_ms) VALUES (?, 'linucb-v1', ?, ?, 1, 1, 0.5, 77)"
+    )
+    decision_sql = (
+        "INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score,"
+        " policy, propensity, model_version, candidate_ids, candidate_x, reward, rewarded_ms)"
+        " VALUES (?, 1, ?, 10, 'a', ?, ?, 0.5, 'linucb-v1', 1.0, 0, ?, ?, 0.5, 20)"
+    )
+    x = f64(0.0, 1.0, 1.0, 0.5, 1.0)
+    if backend == "sqlite":
+        path = tmp_path / "v2.db"
+        with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            for migration in old:
+                conn.executescript(migration.sql)
+            conn.execute("PRAGMA user_version = 2")
+            for user_id, (A_inv, b) in prototype_models().items():
+                conn.execute(user_sql, (user_id, A_inv.tobytes(), b.tobytes()))
+                conn.execute(
+                    decision_sql,
+                    (user_id, f"ev-{user_id}", orjson.dumps(FEATURES).decode(), x.tobytes(),
+                     '["a", "b"]', np.stack([x, -x]).tobytes()),
+                )  # fmt: skip
+        return f"sqlite:///{path}"
+    url = str(request.getfixturevalue("fresh_postgres_url"))
+    with psycopg.connect(url, autocommit=True) as pg:
+        pg.execute(_SCHEMA_TABLE)
+        for migration in old:
+            pg.execute(migration.sql.encode())
+            pg.execute(
+                "INSERT INTO oo_schema_version (version, name) VALUES (%s, %s)",
+                (migration.version, migration.name),
+            )
+        for user_id, (A_inv, b) in prototype_models().items():
+            pg.execute(user_sql.replace("?", "%s"), (user_id, A_inv.tobytes(), b.tobytes()))
+            pg.execute(
+                decision_sql.replace("?", "%s"),
+                (user_id, f"ev-{user_id}", Jsonb(FEATURES), x.tobytes(), ["a", "b"],
+                 np.stack([x, -x]).tobytes()),
+            )  # fmt: skip
+        pg.execute("INSERT INTO user_model (user_id) VALUES ('never-filled')")
+    return url
+
+
+def test_migration_3_turns_linucb_v1_models_into_their_exact_states(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = database_at_schema_2(backend, tmp_path, request)
+    store = open_store(Settings(database_url=url))
+    run(store.open())  # migrates
+    try:
+        for user_id, (A_inv, b) in prototype_models().items():
+            user = run(store.get_user(user_id))
+            assert user is not None
+            assert user.state == A_inv.tobytes() + b.tobytes()
+            state = V1.decode(user.state, 1)
+            assert state.A_inv.tobytes() == A_inv.tobytes()
+            assert state.b.tobytes() == b.tobytes()
+            assert (user.policy, user.state_version) == ("linucb-v1", 1)
+            assert (user.pulls, user.reward_count, user.cumulative_reward) == (1, 1, 0.5)
+            assert user.last_updated_ms == 77
+            _, (decision,) = export_all(store, user_id)
+            assert (decision.candidate_features, decision.context) == (None, {})
+            assert (decision.event_id, decision.features, decision.reward) == (
+                f"ev-{user_id}", FEATURES, 0.5,
+            )  # fmt: skip
+            assert decision.candidate_X.shape == (2, D)
+        if backend == "sqlite":
+            assert execute(store, "SELECT DISTINCT typeof(state) FROM user_model") == [("blob",)]
+        else:
+            assert run(store.get_user("never-filled")) is None
+            assert execute(
+                store,
+                "SELECT state, state_version FROM user_model WHERE user_id = 'never-filled'",
+            ) == [(None, None)]
+            execute(store, "DELETE FROM user_model WHERE user_id = 'never-filled'")
+        report = run(store.check())
+        assert report.violations == {}
+        assert (report.models, report.decisions) == (3, 3)
+        # Served on from there: the migrated model is the one the service learns on.
+        service = make_service(store)
+        scored = run(service.score("learned", CANDIDATES))
+        run(service.reward("learned", scored.tip_id, 1.0, None, scored.event_id))
+        x = feature_vector(next(c.features for c in CANDIDATES if c.id == scored.tip_id))
+        A_inv, b = prototype_models()["learned"]
+        expected = V1.update(LinUCBState(A_inv, b), x, 1.0)
+        assert run(store.get_user("learned")).state == V1.encode(expected)  # type: ignore[union-attr]
+    finally:
+        run(store.close())
+    if backend == "sqlite":
+        path = Path(url.removeprefix("sqlite:///"))
+        with closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+            columns = [r[1] for r in conn.execute("PRAGMA table_info(user_model)")]
+            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    else:
+        with psycopg.connect(url) as pg:
+            columns = [
+                r[0]
+                for r in pg.execute(
+                    "SELECT column_name FROM information_schema.columns"
+                    " WHERE table_name = 'user_model' ORDER BY ordinal_position"
+                )
+            ]
+    assert "a_inv" not in columns
+    assert "b" not in columns
+    assert {"state", "state_version"} <= set(columns)
+
+
+def test_the_sqlite_migration_aborts_on_a_state_that_is_not_exact(
+    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The migration compares every converted state with its two old columns byte for
+    byte, and any difference aborts it, leaving schema 2 as it was. SQLite copies exactly,
+    so the copy is damaged on purpose here (one byte more) to show the guard acts."""
+    url = database_at_schema_2("sqlite", tmp_path, request)
+    known = migrations.load("sqlite")
+    exact = "CAST(a_inv || b AS BLOB)"
+    assert exact in known[2].sql
+    damaged = dataclasses.replace(known[2], sql=known[2].sql.replace(exact, f"{exact} || x'00'"))
+    monkeypatch.setattr(migrations, "load", lambda backend: [*known[:2], damaged])
+
+    store = open_store(Settings(database_url=url))
+    with pytest.raises(StoreUnavailable, match="CHECK constraint failed"):
+        run(store.open())
+    run(store.close())
+
+    with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        a_inv = conn.execute("SELECT a_inv FROM user_model WHERE user_id = 'diagonal'").fetchone()
+    assert tables == {"user_model", "decision"}
+    assert a_inv[0] == prototype_models()["diagonal"][0].tobytes()
 
 
 def test_a_schema_newer_than_this_release_is_refused(tmp_path: Path) -> None:
@@ -764,7 +1371,7 @@ def test_service_score_logs_the_decision(store: Store) -> None:
     user = run(store.get_user("u1"))
     assert user is not None
     assert (user.pulls, user.reward_count, user.cumulative_reward) == (1, 0, 0.0)
-    np.testing.assert_array_equal(user.A_inv, np.identity(D))
+    np.testing.assert_array_equal(v1_arrays(user).A_inv, np.identity(D))
     history = run(service.history("u1"))
     assert [(h.event_id, h.tip_id) for h in history] == [("ev-1", "tip-big")]
     assert history[0].features == CANDIDATES[expected].features.as_dict()
@@ -785,8 +1392,8 @@ def test_service_reward_with_event_id_learns_on_the_scored_vector(store: Store) 
     user = run(store.get_user("u1"))
     assert user is not None
     A_inv, b = closed_form([(x, 0.75)])
-    np.testing.assert_allclose(user.A_inv, A_inv, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(user.b, b, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(v1_arrays(user).A_inv, A_inv, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(v1_arrays(user).b, b, rtol=0, atol=1e-15)
     assert (user.pulls, user.reward_count, user.cumulative_reward) == (1, 1, 0.75)
     ref = peek(store, "u1", DecisionLookup(tip_id=scored.tip_id, event_id=scored.event_id))
     assert ref is not None
@@ -863,8 +1470,8 @@ def test_service_reward_without_event_id_uses_the_latest_decision_for_the_tip(
     user = run(store.get_user("u1"))
     assert user is not None
     A_inv, b = closed_form([(feature_vector(latest), 0.5)])
-    np.testing.assert_allclose(user.A_inv, A_inv, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(user.b, b, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(v1_arrays(user).A_inv, A_inv, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(v1_arrays(user).b, b, rtol=0, atol=1e-15)
     ref = peek(store, "u1", DecisionLookup(tip_id="tip-a", event_id=second.event_id))
     assert ref is not None
     assert ref.reward == 0.5
@@ -881,8 +1488,8 @@ def test_service_reward_without_event_id_or_decision_uses_the_request(store: Sto
     user = run(store.get_user("u1"))
     assert user is not None
     A_inv, b = closed_form([(feature_vector(OTHER_FEATURES), -0.25)])
-    np.testing.assert_allclose(user.A_inv, A_inv, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(user.b, b, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(v1_arrays(user).A_inv, A_inv, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(v1_arrays(user).b, b, rtol=0, atol=1e-15)
     assert (user.pulls, user.reward_count, user.cumulative_reward) == (1, 1, -0.25)
 
     # A user never scored learns on the request too, and gets a row.
@@ -949,9 +1556,9 @@ def test_concurrent_rewards_all_count(store: Store) -> None:
     assert user.reward_count == 200
     total = sum(((i % 17) - 8) for i in range(200)) / 8
     assert user.cumulative_reward == total
-    np.testing.assert_array_equal(user.b, total * x)
+    np.testing.assert_array_equal(v1_arrays(user).b, total * x)
     A_inv = np.linalg.inv(np.identity(D) + 200 * np.outer(x, x))
-    np.testing.assert_allclose(user.A_inv, A_inv, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(v1_arrays(user).A_inv, A_inv, rtol=0, atol=1e-9)
 
 
 def test_concurrent_scores_all_count(store: Store) -> None:
@@ -1103,7 +1710,11 @@ def test_the_writer_survives_a_failure_to_start_and_ready_says_so(tmp_path: Path
     run(store.open())
     try:
         with pytest.raises(StoreUnavailable):
-            run(asyncio.wait_for(store.score_tx("u1", lambda _: make_write("u1", 1)), 10))
+            run(
+                asyncio.wait_for(
+                    store.score_tx("u1", lambda _user, _replay: make_write("u1", 1)), 10
+                )
+            )
         with pytest.raises(StoreUnavailable):
             run(asyncio.wait_for(store.ping(), 10))
         store.lock_path.rmdir()
@@ -1157,7 +1768,7 @@ def test_postgres_erasure_between_a_writes_insert_and_its_lock_starts_a_fresh_us
             eraser.execute("SELECT 1 FROM user_model WHERE user_id = %s FOR UPDATE", (user,))
             seen: list[UserRecord | None] = []
 
-            def fn(u: UserRecord | None) -> ScoreWrite:
+            def fn(u: UserRecord | None, _replay: Replay | None) -> ScoreWrite:
                 seen.append(u)
                 return make_write(user, (u.pulls if u else 0) + 1)
 

@@ -24,6 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from oo_serving.core.features import D, Matrix, Vector
+from oo_serving.core.policy import Choice, Explanation
+
+__all__ = ["Choice", "LinUCBParams", "LinUCBState", "choose", "initial_state", "update"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +58,6 @@ class LinUCBState:
     def theta(self) -> Vector:
         """θ = A⁻¹ b, shape (d,)."""
         return self.A_inv @ self.b
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class Choice:
-    """Which row of X the policy picked, its score, and every row's score (shape (n,))."""
-
-    index: int
-    score: float
-    scores: Vector
 
 
 def initial_state(params: LinUCBParams) -> LinUCBState:
@@ -99,3 +93,70 @@ def update(state: LinUCBState, x: Vector, reward: float) -> LinUCBState:
     denominator = 1.0 + float(x @ A_inv_x)
     A_inv = state.A_inv - np.multiply.outer(A_inv_x, A_inv_x) / denominator  # stays symmetric
     return LinUCBState(A_inv=A_inv, b=state.b + reward * x)
+
+
+def explain(
+    feature_names: tuple[str, ...], theta: Vector, A_inv: Matrix, alpha: float, x: Vector
+) -> Explanation:
+    """x's UCB score θ·x + α·sqrt(xᵀA⁻¹x), split into θᵢxᵢ per feature and the bonus."""
+    parts = theta * x
+    bonus = alpha * math.sqrt(max(float(x @ A_inv @ x), 0.0))
+    contributions = {name: float(v) for name, v in zip(feature_names, parts, strict=True)}
+    return Explanation(contributions, bonus, float(parts.sum()) + bonus)
+
+
+SYMMETRY_RTOL = 1e-9
+"""Asymmetry allowed in a stored matrix, relative to its largest entry.
+
+Every update here adds an outer product of a vector with itself, which floating point
+computes exactly symmetric, so any asymmetry is damage, not rounding; the tolerance only
+leaves room for a future update computed in another order.
+"""
+
+
+def matrix_problems(name: str, M: Matrix, *, definite: bool) -> list[tuple[str, str]]:
+    """A stored symmetric matrix's broken invariants: finite, symmetric, and positive
+    definite (definite=True) or semidefinite (False), as (rule, detail) pairs."""
+    if not np.isfinite(M).all():
+        return [("model_not_finite", f"{name} has a non-finite value")]
+    problems: list[tuple[str, str]] = []
+    scale = float(np.max(np.abs(M))) if M.size else 0.0
+    asymmetry = float(np.max(np.abs(M - M.T))) if M.size else 0.0
+    if asymmetry > SYMMETRY_RTOL * scale:
+        problems.append(("model_not_symmetric", f"|{name} - {name}ᵀ| = {asymmetry:.3g}"))
+    S = (M + M.T) / 2
+    if definite:
+        try:
+            np.linalg.cholesky(S)
+        except np.linalg.LinAlgError:
+            problems.append(("model_not_positive_definite", f"{name}: Cholesky fails"))
+    else:
+        lowest = float(np.linalg.eigvalsh(S)[0]) if S.size else 0.0
+        if lowest < -1e-9 * max(scale, 1.0):
+            problems.append(
+                ("model_not_positive_definite", f"{name} has eigenvalue {lowest:.3g} < 0")
+            )
+    return problems
+
+
+def vector_problems(name: str, v: Vector) -> list[tuple[str, str]]:
+    if not np.isfinite(v).all():
+        return [("model_not_finite", f"{name} has a non-finite value")]
+    return []
+
+
+def split_arrays(raw: bytes, d: int, what: str) -> tuple[Matrix, Vector]:
+    """A (d, d) matrix then a (d,) vector, float64 little-endian, as `encode` wrote them."""
+    if not isinstance(raw, bytes | bytearray | memoryview) or len(raw) != 8 * (d * d + d):
+        size = len(raw) if isinstance(raw, bytes | bytearray | memoryview) else None
+        raise ValueError(f"{what} must be {8 * (d * d + d)} bytes for d = {d}, got {size!r}")
+    flat = np.frombuffer(bytes(raw), dtype="<f8").astype(np.float64)
+    return flat[: d * d].reshape(d, d), flat[d * d :]
+
+
+def join_arrays(M: Matrix, v: Vector) -> bytes:
+    """M then v, float64 little-endian, row-major: what split_arrays reads."""
+    return (
+        np.ascontiguousarray(M, dtype="<f8").tobytes()
+        + np.ascontiguousarray(v, dtype="<f8").tobytes()
+    )

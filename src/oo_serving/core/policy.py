@@ -1,46 +1,124 @@
-"""Policies by name. A policy is settings plus the pure functions that use them.
+"""What a policy is: the protocol every policy implements, and the values it trades in.
 
-`linucb-v1` is the prototype's policy, kept exactly: d = 5, α = 1, A₀ = I, b₀ = 0,
-deterministic (propensity 1.0), ties to the first candidate.
+The shape follows river's `bandit/base.py`: a policy owns everything that is its own
+(how a candidate's raw features become its vector, its per-user state and how that state
+is stored, how it chooses, learns, explains and summarises) and the rest of the service
+knows none of it. The service hands a policy raw `TaskFeatures`, gets back a matrix it
+never reads, and stores a user's state as the opaque bytes `encode` returns.
+
+A policy is a frozen dataclass whose fields are its parameters (checked at construction);
+`name`, `feature_names` (so d), `state_version` and `pooled_size` belong to the class and
+never depend on the parameters, so a stored state decodes whatever the settings.
+
+Population statistics. A policy may learn from everyone as well as from each user: for
+each learned reward `pool(x, r)` returns an increment (a flat vector of `pooled_size`
+floats); the service adds increments up across users, processes and replicas into a
+`Pooled` sum, and `prior(pooled)` turns that sum into the value `choose` and `update`
+receive (linucb-v2's population weights). A policy with `pooled_size` 0 ignores it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from oo_serving.core import linucb
-from oo_serving.core.features import Matrix, Vector
-from oo_serving.core.linucb import Choice, LinUCBParams, LinUCBState
+from oo_serving.core.features import Matrix, TaskFeatures, Vector
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Choice:
+    """Which row of X the policy picked, its score, and every row's score (shape (n,))."""
+
+    index: int
+    score: float
+    scores: Vector
 
 
 @dataclass(frozen=True, slots=True)
-class LinUCBPolicy:
-    """A deterministic LinUCB policy under a stable name.
+class Explanation:
+    """Why a candidate scored what it did: score = Σ contributions + exploration_bonus.
 
-    The name is what decisions are logged under: change the parameters, change the name.
+    contributions: per feature name, θᵢ·xᵢ (the estimated reward, split by feature).
     """
 
+    contributions: dict[str, float]
+    exploration_bonus: float
+    score: float
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Pooled:
+    """The sum of a policy's `pool` increments over every reward counted so far.
+
+    count: how many rewards; stats: shape (pooled_size,), in the policy's own layout.
+    """
+
+    count: int
+    stats: Vector
+
+
+class Policy(Protocol):
+    """A contextual-bandit policy with one state per user (of a type the policy owns)."""
+
     name: str
-    params: LinUCBParams = field(default_factory=LinUCBParams)
+    feature_names: tuple[str, ...]
+    state_version: int
+    pooled_size: int
 
-    @property
-    def d(self) -> int:
-        return self.params.d
+    def parameters(self) -> dict[str, float]:
+        """The settings this instance was made with, by name."""
+        ...
 
-    def initial_state(self) -> LinUCBState:
-        return linucb.initial_state(self.params)
+    def features(self, tasks: Sequence[TaskFeatures]) -> Matrix:
+        """X, shape (n, d): one row per candidate, in order, d = len(feature_names)."""
+        ...
 
-    def choose(self, state: LinUCBState, X: Matrix) -> Choice:
-        return linucb.choose(self.params, state, X)
+    def initial_state(self) -> Any:
+        """A new user's state."""
+        ...
+
+    def encode(self, state: Any) -> bytes:
+        """The state as stored; `decode(encode(s), state_version)` equals s exactly."""
+        ...
+
+    def decode(self, raw: bytes, version: int) -> Any:
+        """A stored state; ValueError if `raw` is not one of this policy's states."""
+        ...
+
+    def prior(self, pooled: Pooled | None) -> Any:
+        """What the population tells this policy (None: nothing yet), passed to choose,
+        theta and explain. Computed once per refresh, not per request."""
+        ...
+
+    def choose(self, state: Any, X: Matrix, prior: Any) -> Choice:
+        """The candidate to show: a row of X (shape (n >= 1, d))."""
+        ...
 
     def propensity(self, choice: Choice) -> float:
-        """P(policy picks `choice.index` | X): 1.0, LinUCB is deterministic."""
-        return 1.0
+        """P(the policy picks choice.index | its state and X)."""
+        ...
 
-    def update(self, state: LinUCBState, x: Vector, reward: float) -> LinUCBState:
-        return linucb.update(state, x, reward)
+    def update(self, state: Any, x: Vector, reward: float) -> Any:
+        """The state after observing `reward` (finite) for the shown vector x (shape (d,))."""
+        ...
 
+    def theta(self, state: Any, prior: Any) -> Vector:
+        """The weights the policy currently estimates, shape (d,), in feature_names order."""
+        ...
 
-LINUCB_V1 = LinUCBPolicy(name="linucb-v1", params=LinUCBParams(alpha=1.0))
+    def explain(self, state: Any, x: Vector, prior: Any) -> Explanation:
+        """The score of x (shape (d,)), split by feature, and its exploration bonus."""
+        ...
 
-POLICIES: dict[str, LinUCBPolicy] = {LINUCB_V1.name: LINUCB_V1}
+    def arrays(self, state: Any) -> dict[str, Matrix | Vector]:
+        """The state as named arrays, for exports and people."""
+        ...
+
+    def pool(self, x: Vector, reward: float) -> Vector:
+        """This reward's increment to the population statistics, shape (pooled_size,)."""
+        ...
+
+    def problems(self, state: Any) -> list[tuple[str, str]]:
+        """Broken invariants of a decoded state, as (rule, detail); [] when sound."""
+        ...

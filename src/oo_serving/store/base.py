@@ -16,33 +16,45 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+import orjson
 
 from oo_serving.check import CheckReport
 from oo_serving.core.features import Matrix, Vector
+from oo_serving.core.policy import Pooled
 from oo_serving.errors import SchemaNotCurrent, SchemaTooNew, StoreBusy
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class UserRecord:
-    """A user's model row. A_inv: shape (d, d); b: shape (d,)."""
+    """A user's model row. `state` is the policy's own encoding (Policy.encode) of the
+    user's state, of format `state_version`; the store never reads inside it."""
 
     user_id: str
     policy: str
-    A_inv: Matrix
-    b: Vector
+    state: bytes
+    state_version: int
     pulls: int
     reward_count: int
     cumulative_reward: float
     last_updated_ms: int
 
 
+RAW_FEATURES = ("hour_of_day", "is_overdue", "task_age_days", "priority")
+"""The columns of DecisionRecord.candidate_features: TaskFeatures' fields, in order."""
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class DecisionRecord:
-    """One logged decision: enough to join its reward and to evaluate other policies.
+    """One logged decision: enough to join its reward, and to rebuild or evaluate any
+    policy from the log.
 
-    x: shape (d,), the chosen candidate's vector; candidate_X: shape (n, d), every
-    candidate offered, in `candidate_ids` order. `features` is the chosen candidate's
-    raw features as scored. `model_version` is the user's reward_count at decision time.
+    candidate_features: shape (n, 4), every candidate's raw features as scored, columns
+    RAW_FEATURES (is_overdue as 0.0/1.0), in `candidate_ids` order; None only for rows
+    logged before the log kept them. context: the request's context as scored, e.g.
+    {"hour_of_day": 9, "day_of_week": 1}. x: shape (d,), the chosen candidate's vector
+    under `policy`; candidate_X: shape (n, d), every candidate's, same order.
+    `features` is the chosen candidate's raw features. `model_version` is the user's
+    reward_count at decision time.
     """
 
     user_id: str
@@ -58,19 +70,38 @@ class DecisionRecord:
     model_version: int
     candidate_ids: tuple[str, ...]
     candidate_X: Matrix
+    candidate_features: Matrix | None
+    context: dict[str, int]
     reward: float | None = None
     rewarded_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class DecisionRef:
-    """What a reward needs of its decision. x: shape (d,)."""
+    """What a reward needs of its decision: x (shape (d,)) is the chosen vector under
+    `policy`; `features` the chosen candidate's raw features, for any other policy."""
 
     seq: int
     event_id: str
     tip_id: str
+    policy: str
     x: Vector
+    features: dict[str, int | bool | float]
     reward: float | None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class LoggedReward:
+    """One learned reward of the decision log: the chosen candidate's raw features."""
+
+    features: dict[str, int | bool | float]
+    reward: float
+
+
+class ReplayNeeded(Exception):
+    """Raised by a transaction's function that needs the user's learned rewards (to
+    rebuild a state under another policy). The store then reads them, in the same
+    transaction, and calls the function again with them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +123,11 @@ class UserExport:
     user: UserRecord | None
     pages: AsyncIterator[list[DecisionRecord]]
 
+
+# The pooled population statistics: one row per (policy, process); see Store.add_pooled.
+POOLED_MAX_SHARDS = 64
+POOLED_FOLD_AFTER_MS = 3_600_000
+FOLDED_SHARD = "folded"
 
 # An export holds at most this many decisions in memory at once: with the largest
 # /score (OO_MAX_CANDIDATES candidates) that is a few MB, whatever the retention.
@@ -137,8 +173,11 @@ class DecisionLookup:
 
 
 T = TypeVar("T")
-ScoreFn = Callable[[UserRecord | None], ScoreWrite]
-RewardFn = Callable[[UserRecord | None, DecisionRef | None], RewardWrite]
+Replay = Sequence[LoggedReward]
+"""The user's retained decisions that have a reward, in the order they were learned
+(rewarded_ms, then seq)."""
+ScoreFn = Callable[[UserRecord | None, Replay | None], ScoreWrite]
+RewardFn = Callable[[UserRecord | None, DecisionRef | None, Replay | None], RewardWrite]
 
 
 class Store(Protocol):
@@ -155,10 +194,13 @@ class Store(Protocol):
         """Raise StoreUnavailable unless the database answers."""
 
     async def score_tx(self, user_id: str, fn: ScoreFn) -> ScoreWrite:
-        """Lock user_id's row, call fn(row or None), write its ScoreWrite, commit."""
+        """Lock user_id's row, call fn(row or None, None), write its ScoreWrite, commit.
+        If fn raises ReplayNeeded, read the user's Replay in the same transaction and
+        call fn(row, replay) instead."""
 
     async def reward_tx(self, user_id: str, lookup: DecisionLookup, fn: RewardFn) -> RewardWrite:
-        """Lock user_id's row, find the decision, call fn(row, ref), write, commit."""
+        """Lock user_id's row, find the decision, call fn(row, ref, None), write, commit;
+        ReplayNeeded as for score_tx."""
 
     async def delete_user(self, user_id: str) -> bool:
         """Remove the user's model and decisions; True if there was anything."""
@@ -179,29 +221,48 @@ class Store(Protocol):
         One short transaction: call it until it returns 0 to prune everything.
         """
 
+    async def add_pooled(
+        self, policy: str, shard: str, count: int, stats: Vector, ts_ms: int
+    ) -> None:
+        """Add (count, stats) to the pooled row (policy, shard), creating it; one short
+        transaction. Each process writes only its own shard, so no row is hot. Rows of
+        `policy` not updated for POOLED_FOLD_AFTER_MS are folded into the shard
+        FOLDED_SHARD in the same transaction once there are more than POOLED_MAX_SHARDS,
+        so restarts do not grow the table without bound."""
+
+    async def pooled(self, policy: str) -> Pooled | None:
+        """The sum of every pooled row of `policy`; None if there is none."""
+
     async def check(self) -> CheckReport:
         """Read every model and decision, in bounded pages and without a write lock, and
         report each broken invariant (oo_serving.check). Safe while serving."""
 
 
-USER_COLUMNS = "policy, a_inv, b, pulls, reward_count, cumulative_reward, last_updated_ms"
-REF_COLUMNS = "seq, event_id, tip_id, x, reward"
+USER_COLUMNS = (
+    "policy, state, state_version, pulls, reward_count, cumulative_reward, last_updated_ms"
+)
+REF_COLUMNS = "seq, event_id, tip_id, policy, x, features, reward"
 DECISION_COLUMNS = (
     "user_id, seq, event_id, ts_ms, tip_id, features, x, score, policy, propensity,"
-    " model_version, candidate_ids, candidate_x, reward, rewarded_ms"
+    " model_version, candidate_ids, candidate_x, candidate_features, context, reward,"
+    " rewarded_ms"
 )
+REPLAY_SQL = (
+    "SELECT features, reward FROM decision WHERE user_id = ? AND reward IS NOT NULL"
+    " ORDER BY rewarded_ms, seq"
+)
+"""The user's learned rewards in the order they were learned: a Replay (`?`: user_id)."""
 
 
 def user_from_row(user_id: str, row: Sequence[Any] | None) -> UserRecord | None:
     """A UserRecord from the USER_COLUMNS of a row; None for no row or no model yet."""
     if row is None or row[1] is None:
         return None
-    d = len(row[2]) // 8
     return UserRecord(
         user_id=user_id,
         policy=row[0],
-        A_inv=decode_array(row[1], (d, d)),
-        b=decode_array(row[2], (d,)),
+        state=bytes(row[1]),
+        state_version=row[2],
         pulls=row[3],
         reward_count=row[4],
         cumulative_reward=row[5],
@@ -212,31 +273,90 @@ def user_from_row(user_id: str, row: Sequence[Any] | None) -> UserRecord | None:
 def user_params(u: UserRecord) -> tuple[Any, ...]:
     """user_id, then the USER_COLUMNS values, encoded for a database."""
     return (
-        u.user_id, u.policy, encode_array(u.A_inv), encode_array(u.b), u.pulls,
-        u.reward_count, u.cumulative_reward, u.last_updated_ms,
+        u.user_id, u.policy, u.state, u.state_version, u.pulls, u.reward_count,
+        u.cumulative_reward, u.last_updated_ms,
     )  # fmt: skip
 
 
-def ref_from_row(row: Sequence[Any] | None) -> DecisionRef | None:
+def from_json(value: Any, json_as_text: bool) -> Any:
+    """A JSON column's value: SQLite keeps JSON as text, PostgreSQL's driver decodes its
+    jsonb (and text[]) itself."""
+    if json_as_text and value is not None:
+        return orjson.loads(value)
+    return value
+
+
+def ref_from_row(row: Sequence[Any] | None, *, json_as_text: bool) -> DecisionRef | None:
     """A DecisionRef from the REF_COLUMNS of a row."""
     if row is None:
         return None
-    x = decode_array(row[3], (len(row[3]) // 8,))
-    return DecisionRef(seq=row[0], event_id=row[1], tip_id=row[2], x=x, reward=row[4])
-
-
-def decision_from_row(
-    r: Sequence[Any], features: dict[str, Any], candidate_ids: Sequence[str]
-) -> DecisionRecord:
-    """A DecisionRecord from the DECISION_COLUMNS of a row, its JSON parts decoded."""
-    d = len(r[6]) // 8
-    ids = tuple(candidate_ids)
-    return DecisionRecord(
-        user_id=r[0], seq=r[1], event_id=r[2], ts_ms=r[3], tip_id=r[4], features=features,
-        x=decode_array(r[6], (d,)), score=r[7], policy=r[8], propensity=r[9],
-        model_version=r[10], candidate_ids=ids, candidate_X=decode_array(r[12], (len(ids), d)),
-        reward=r[13], rewarded_ms=r[14],
+    return DecisionRef(
+        seq=row[0], event_id=row[1], tip_id=row[2], policy=row[3],
+        x=decode_array(row[4], (len(row[4]) // 8,)), features=from_json(row[5], json_as_text),
+        reward=row[6],
     )  # fmt: skip
+
+
+def replay_from_rows(rows: Sequence[Sequence[Any]], *, json_as_text: bool) -> list[LoggedReward]:
+    """The Replay from the rows of REPLAY_SQL."""
+    return [LoggedReward(features=from_json(r[0], json_as_text), reward=r[1]) for r in rows]
+
+
+def decision_from_row(r: Sequence[Any], *, json_as_text: bool) -> DecisionRecord:
+    """A DecisionRecord from the DECISION_COLUMNS of a row. A row logged before the log
+    kept raw candidate features and the context reads as None and {}."""
+    d = len(r[6]) // 8
+    ids = tuple(from_json(r[11], json_as_text))
+    context = from_json(r[14], json_as_text)
+    return DecisionRecord(
+        user_id=r[0], seq=r[1], event_id=r[2], ts_ms=r[3], tip_id=r[4],
+        features=from_json(r[5], json_as_text), x=decode_array(r[6], (d,)), score=r[7],
+        policy=r[8], propensity=r[9], model_version=r[10], candidate_ids=ids,
+        candidate_X=decode_array(r[12], (len(ids), d)),
+        candidate_features=(
+            None if r[13] is None else decode_array(r[13], (len(ids), len(RAW_FEATURES)))
+        ),
+        context={} if context is None else context, reward=r[15], rewarded_ms=r[16],
+    )  # fmt: skip
+
+
+def encode_optional(a: Matrix | Vector | None) -> bytes | None:
+    """encode_array, and None for None (a nullable column)."""
+    return None if a is None else encode_array(a)
+
+
+def add_stats(stored: bytes, stats: Vector, what: str) -> Vector:
+    """Stored pooled stats plus `stats`, elementwise; ValueError if the lengths differ
+    (a row written under another layout: adding would mix up the policy's statistics)."""
+    current = np.frombuffer(bytes(stored), dtype="<f8")
+    if current.shape != stats.shape:
+        raise ValueError(
+            f"{what} holds {current.size} pooled statistics, not {stats.size}: the rows"
+            " were written under another layout"
+        )
+    total: Vector = current + stats
+    return total
+
+
+def sum_pooled(rows: Sequence[Sequence[Any]], what: str) -> Pooled | None:
+    """The sum of pooled rows given as (count, stats); None for no row. ValueError if
+    their lengths differ."""
+    if not rows:
+        return None
+    stats = np.frombuffer(bytes(rows[0][1]), dtype="<f8").astype(np.float64)
+    count = int(rows[0][0])
+    for row in rows[1:]:
+        stats = add_stats(row[1], stats, what)
+        count += int(row[0])
+    return Pooled(count=count, stats=stats)
+
+
+def pooled_stats(stats: Vector) -> Vector:
+    """Stats to add to a pooled row, as one flat float64 vector; ValueError otherwise."""
+    flat = np.asarray(stats, dtype=np.float64)
+    if flat.ndim != 1:
+        raise ValueError(f"pooled stats must be a flat vector, got shape {flat.shape}")
+    return flat
 
 
 def encode_array(a: Matrix | Vector) -> bytes:

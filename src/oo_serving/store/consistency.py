@@ -23,12 +23,14 @@ import orjson
 from oo_serving.check import MAX_EXAMPLES, CheckReport, check_decision, check_model
 
 MODEL_PAGE = 1000
-"""Model rows per page: about 250 bytes each at d = 5."""
+"""Model rows per page: about 250 bytes each for linucb-v1 (d = 5), 1.2 kB for
+linucb-v2 (d = 11)."""
 
 DECISION_PAGE = 200
-"""Decision rows per page. A decision holds up to OO_MAX_CANDIDATES candidates (ids of up
-to 256 characters and 40 bytes of vector each), so a page of 200 stays under ~60 MB even
-at the limits, and is a few hundred kB for a typical log."""
+"""Decision rows per page. A decision holds up to OO_MAX_CANDIDATES candidates (each an id
+of up to 256 characters, its vector, 88 bytes at d = 11, and its 32 bytes of raw
+features), so a page of 200 stays under ~80 MB even at the limits, and is a few hundred
+kB for a typical log."""
 
 Rows = Sequence[Sequence[Any]]
 Fetch = Callable[[str, tuple[Any, ...]], Awaitable[Rows]]
@@ -38,8 +40,9 @@ Fetch = Callable[[str, tuple[Any, ...]], Awaitable[Rows]]
 class Dialect:
     """What differs between the backends for these reads.
 
-    placeholder: the driver's parameter marker; json_as_text: SQLite keeps `features` and
-    `candidate_ids` as JSON text, PostgreSQL as jsonb and text[] (decoded by the driver).
+    placeholder: the driver's parameter marker; json_as_text: SQLite keeps `features`,
+    `candidate_ids` and `context` as JSON text, PostgreSQL as jsonb and text[] (decoded
+    by the driver).
     """
 
     placeholder: str
@@ -52,12 +55,12 @@ class Dialect:
 SQLITE = Dialect(placeholder="?", json_as_text=True)
 POSTGRES = Dialect(placeholder="%s", json_as_text=False)
 
-_MODEL_COLUMNS = "user_id, policy, a_inv, b, pulls, reward_count, cumulative_reward"
+_MODEL_COLUMNS = "user_id, policy, state, state_version, pulls, reward_count, cumulative_reward"
 _FIRST_MODELS = f"SELECT {_MODEL_COLUMNS} FROM user_model ORDER BY user_id LIMIT ?"
 _NEXT_MODELS = f"SELECT {_MODEL_COLUMNS} FROM user_model WHERE user_id > ? ORDER BY user_id LIMIT ?"
 _DECISION_COLUMNS = (
     "user_id, seq, policy, tip_id, features, x, score, propensity, candidate_ids,"
-    " candidate_x, reward, rewarded_ms"
+    " candidate_x, candidate_features, context, reward, rewarded_ms"
 )
 _FIRST_DECISIONS = f"SELECT {_DECISION_COLUMNS} FROM decision ORDER BY user_id, seq LIMIT ?"
 _NEXT_DECISIONS = (
@@ -73,7 +76,7 @@ _AGGREGATES: tuple[tuple[str, str], ...] = (
         "decision_without_model",
         _PER_USER.format(
             "SELECT d.user_id, count(*) AS n FROM decision d WHERE NOT EXISTS"
-            " (SELECT 1 FROM user_model m WHERE m.user_id = d.user_id AND m.a_inv IS NOT NULL)"
+            " (SELECT 1 FROM user_model m WHERE m.user_id = d.user_id AND m.state IS NOT NULL)"
             " GROUP BY d.user_id"
         ),
     ),
@@ -81,7 +84,7 @@ _AGGREGATES: tuple[tuple[str, str], ...] = (
         "decision_seq_out_of_range",
         _PER_USER.format(
             "SELECT d.user_id, count(*) AS n FROM decision d JOIN user_model m"
-            " ON m.user_id = d.user_id AND m.a_inv IS NOT NULL"  # an unfilled row: counted above
+            " ON m.user_id = d.user_id AND m.state IS NOT NULL"  # an unfilled row: counted above
             " WHERE d.seq < 1 OR d.seq > m.pulls GROUP BY d.user_id"
         ),
     ),
@@ -129,8 +132,9 @@ async def scan(
 async def _scan_models(report: CheckReport, fetch: Fetch, dialect: Dialect, page: int) -> None:
     rows = await fetch(dialect.sql(_FIRST_MODELS), (page,))
     while rows:
-        for user_id, policy, a_inv, b, pulls, reward_count, cumulative in rows:
-            report.record(user_id, check_model(policy, a_inv, b, pulls, reward_count, cumulative))
+        for user_id, policy, state, version, pulls, reward_count, cumulative in rows:
+            problems = check_model(policy, state, version, pulls, reward_count, cumulative)
+            report.record(user_id, problems)
         report.models += len(rows)
         if len(rows) < page:
             break
@@ -141,13 +145,14 @@ async def _scan_decisions(report: CheckReport, fetch: Fetch, dialect: Dialect, p
     rows = await fetch(dialect.sql(_FIRST_DECISIONS), (page,))
     while rows:
         for r in rows:
-            features, candidate_ids = r[4], r[8]
+            features, candidate_ids, context = r[4], r[8], r[11]
             if dialect.json_as_text:
                 features, candidate_ids = _json(features), _json(candidate_ids)
+                context = None if context is None else _json(context)
             problems = check_decision(
                 policy=r[2], tip_id=r[3], features=features, x=r[5], score=r[6],
                 propensity=r[7], candidate_ids=candidate_ids, candidate_x=r[9],
-                reward=r[10], rewarded_ms=r[11],
+                candidate_features=r[10], context=context, reward=r[12], rewarded_ms=r[13],
             )  # fmt: skip
             report.record(r[0], problems, f"seq {r[1]}")
         report.decisions += len(rows)
@@ -156,11 +161,15 @@ async def _scan_decisions(report: CheckReport, fetch: Fetch, dialect: Dialect, p
         rows = await fetch(dialect.sql(_NEXT_DECISIONS), (rows[-1][0], rows[-1][1], page))
 
 
+_NOT_JSON = object()
+"""What unreadable JSON text parses to: a value no JSON column may hold, NULL included."""
+
+
 def _json(text: object) -> object:
-    """Parsed JSON text; None (never a valid value of these columns) when it is not."""
+    """Parsed JSON text; _NOT_JSON when it is not JSON text."""
     if not isinstance(text, str | bytes):
-        return None
+        return _NOT_JSON
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        return None
+        return _NOT_JSON

@@ -9,8 +9,10 @@ Round trips. Each write is two round trips, using psycopg's pipeline mode:
 
 Atomicity across replicas. The row lock serialises every read-modify-write of one user,
 across connections and replicas; the lock is held from step 1 to COMMIT. A user's first
-request inserts a row with no model (`a_inv` NULL) before locking it, so two first
-requests for a new user serialise too. Other users never wait.
+request inserts a row with no model (`state` NULL) before locking it, so two first
+requests for a new user serialise too. Other users never wait. A function that needs
+the user's learned rewards (ReplayNeeded) gets them by one more round trip between the
+two, the row still locked.
 
 Erasure takes part in the same order: its DELETE of the user's row waits for the row
 lock, and deletes the decisions in a later statement, which sees what the write before
@@ -40,12 +42,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, TypeVar
 
+import numpy as np
 import psycopg
 import psycopg.errors
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from oo_serving.check import CheckReport
+from oo_serving.core.features import Vector
+from oo_serving.core.policy import Pooled
 from oo_serving.errors import StoreBusy, StoreUnavailable
 from oo_serving.redact import redact_url
 from oo_serving.store import consistency, migrations
@@ -53,11 +58,17 @@ from oo_serving.store.base import (
     DECISION_COLUMNS,
     EXPORT_PAGE_ROWS,
     EXPORTS_AT_ONCE,
+    FOLDED_SHARD,
+    POOLED_FOLD_AFTER_MS,
+    POOLED_MAX_SHARDS,
     REF_COLUMNS,
+    REPLAY_SQL,
     USER_COLUMNS,
     DecisionLookup,
     DecisionRecord,
     HistoryEntry,
+    LoggedReward,
+    ReplayNeeded,
     RewardFn,
     RewardWrite,
     ScoreFn,
@@ -65,11 +76,16 @@ from oo_serving.store.base import (
     Slots,
     UserExport,
     UserRecord,
+    add_stats,
     decision_from_row,
     encode_array,
+    encode_optional,
+    pooled_stats,
     ref_from_row,
     refuse_newer,
+    replay_from_rows,
     require_current,
+    sum_pooled,
     user_from_row,
     user_params,
 )
@@ -84,8 +100,8 @@ _LOCK_USER = f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = %s FOR UPDA
 # changing none fails the transaction inside the pipeline, before its COMMIT can run.
 _UPDATE_USER = """
 WITH changed AS (
-    UPDATE user_model SET policy = %s, a_inv = %s, b = %s, pulls = %s, reward_count = %s,
-        cumulative_reward = %s, last_updated_ms = %s
+    UPDATE user_model SET policy = %s, state = %s, state_version = %s, pulls = %s,
+        reward_count = %s, cumulative_reward = %s, last_updated_ms = %s
     WHERE user_id = %s
     RETURNING 1
 )
@@ -101,8 +117,32 @@ SELECT 1 / count(*) FROM changed
 """
 _INSERT_DECISION = """
 INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score, policy,
-                      propensity, model_version, candidate_ids, candidate_x)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                      propensity, model_version, candidate_ids, candidate_x,
+                      candidate_features, context)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+"""
+_REPLAY = REPLAY_SQL.replace("?", "%s")
+# A pooled row is made (empty: count 0, stats zero) before it is locked, as a user's is.
+_ENSURE_POOLED = """
+INSERT INTO pooled (policy, shard, count, stats, updated_ms) VALUES (%s, %s, 0, %s, %s)
+ON CONFLICT (policy, shard) DO NOTHING
+"""
+_LOCK_POOLED = "SELECT count, stats FROM pooled WHERE policy = %s AND shard = %s FOR UPDATE"
+_COUNT_POOLED = "SELECT count(*) FROM pooled WHERE policy = %s"
+# Rows being written by their own process are skipped, not waited for: they are alive,
+# and two processes folding at once then never wait for each other's own row.
+_LOCK_STALE_POOLED = """
+SELECT shard, count, stats FROM pooled
+WHERE policy = %s AND updated_ms < %s AND shard <> %s AND shard <> %s
+ORDER BY shard FOR UPDATE SKIP LOCKED
+"""
+_UPDATE_POOLED = """
+WITH changed AS (
+    UPDATE pooled SET count = %s, stats = %s, updated_ms = %s
+    WHERE policy = %s AND shard = %s
+    RETURNING 1
+)
+SELECT 1 / count(*) FROM changed
 """
 _REF_BY_EVENT = f"SELECT {REF_COLUMNS} FROM decision WHERE user_id = %s AND event_id = %s"
 _REF_BY_TIP = (
@@ -249,7 +289,11 @@ class PostgresStore:
     async def score_tx(self, user_id: str, fn: ScoreFn) -> ScoreWrite:
         async def body(conn: Conn) -> ScoreWrite:
             user_row, _ = await _begin_and_lock(conn, user_id)
-            write = fn(user_from_row(user_id, user_row))
+            user = user_from_row(user_id, user_row)
+            try:
+                write = fn(user, None)
+            except ReplayNeeded:
+                write = fn(user, await _load_replay(conn, user_id))
             d = write.decision
             async with conn.pipeline():
                 await conn.execute(_UPDATE_USER, _update_params(write.user))
@@ -257,7 +301,8 @@ class PostgresStore:
                     _INSERT_DECISION,
                     (d.user_id, d.seq, d.event_id, d.ts_ms, d.tip_id, Jsonb(d.features),
                      encode_array(d.x), d.score, d.policy, d.propensity, d.model_version,
-                     list(d.candidate_ids), encode_array(d.candidate_X)),
+                     list(d.candidate_ids), encode_array(d.candidate_X),
+                     encode_optional(d.candidate_features), Jsonb(d.context)),
                 )  # fmt: skip
                 await conn.execute(
                     "DELETE FROM decision WHERE user_id = %s AND seq < %s",
@@ -277,7 +322,12 @@ class PostgresStore:
 
         async def body(conn: Conn) -> RewardWrite:
             user_row, ref_row = await _begin_and_lock(conn, user_id, find_ref)
-            write = fn(user_from_row(user_id, user_row), ref_from_row(ref_row))
+            user = user_from_row(user_id, user_row)
+            ref = ref_from_row(ref_row, json_as_text=False)
+            try:
+                write = fn(user, ref, None)
+            except ReplayNeeded:
+                write = fn(user, ref, await _load_replay(conn, user_id))
             if write.user is None and write.reward_event is None:
                 await conn.execute("ROLLBACK")  # nothing to write, not even the row made above
                 return write
@@ -307,6 +357,41 @@ class PostgresStore:
             return bool(models.rowcount or decisions.rowcount)
 
         return await self._user_write(user_id, body)
+
+    async def add_pooled(
+        self, policy: str, shard: str, count: int, stats: Vector, ts_ms: int
+    ) -> None:
+        flat = pooled_stats(stats)
+
+        async def body(conn: Conn) -> None:
+            own = await _begin_and_lock_pooled(conn, policy, shard, flat.size, ts_ms)
+            total = add_stats(own[1], flat, f"the pooled row ({policy}, {shard})")
+            writes: list[tuple[str, tuple[Any, ...]]] = [
+                (_UPDATE_POOLED, (own[0] + count, encode_array(total), ts_ms, policy, shard))
+            ]
+            if own[2] > POOLED_MAX_SHARDS:
+                writes += await _fold_pooled(conn, policy, shard, flat.size, ts_ms)
+            async with conn.pipeline():
+                for statement in writes:
+                    await conn.execute(*statement)
+                await conn.execute("COMMIT")
+
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                await self._run_tx(body)
+        except TimeoutError as exc:
+            raise StoreBusy(
+                f"the pooled statistics' write did not finish within {self._deadline_s:g}s"
+            ) from exc
+
+    async def pooled(self, policy: str) -> Pooled | None:
+        async def query(conn: Conn) -> Pooled | None:
+            cur = await conn.execute(
+                "SELECT count, stats FROM pooled WHERE policy = %s ORDER BY shard", (policy,)
+            )
+            return sum_pooled(await cur.fetchall(), f"a pooled row of {policy}")
+
+        return await self._run(query)
 
     async def prune_decisions(self, older_than_ms: int, batch_size: int) -> int:
         async def delete(conn: Conn) -> int:
@@ -372,7 +457,7 @@ class PostgresStore:
                             batch = await rows.fetchmany(EXPORT_PAGE_ROWS)
                         if not batch:
                             return
-                        yield [decision_from_row(r, r[5], r[11]) for r in batch]
+                        yield [decision_from_row(r, json_as_text=False) for r in batch]
 
                 yield UserExport(user, pages())
             finally:
@@ -503,6 +588,74 @@ async def _begin_and_lock(
         # The row was erased between our INSERT and our lock: make it again, and lock it.
         begin = False
     raise StoreBusy("the user was erased again and again while this write waited; retry")
+
+
+async def _load_replay(conn: Conn, user_id: str) -> list[LoggedReward]:
+    """The user's Replay, read inside the write's transaction (the row still locked)."""
+    cur = await conn.execute(_REPLAY, (user_id,))
+    return replay_from_rows(await cur.fetchall(), json_as_text=False)
+
+
+async def _begin_and_lock_pooled(
+    conn: Conn, policy: str, shard: str, size: int, ts_ms: int
+) -> tuple[int, bytes, int]:
+    """The first round trip of add_pooled: BEGIN, make sure the row (policy, shard) exists,
+    lock it, and count the policy's rows. (count, stats, rows of the policy).
+
+    A connection that breaks here has committed nothing: the failure is marked safe to
+    retry. A row folded away between its INSERT and its lock is made again, as a user's.
+    """
+    begin = True
+    empty = encode_array(np.zeros(size))
+    for _ in range(_LOCK_ATTEMPTS):
+        try:
+            async with conn.pipeline() as p:
+                if begin:
+                    await conn.execute("BEGIN")
+                await conn.execute(_ENSURE_POOLED, (policy, shard, empty, ts_ms))
+                own_cur = await conn.execute(_LOCK_POOLED, (policy, shard))
+                count_cur = await conn.execute(_COUNT_POOLED, (policy,))
+                await p.sync()
+            own = await own_cur.fetchone()
+            counted = await count_cur.fetchone()
+        except psycopg.OperationalError as exc:
+            if conn.broken:
+                raise _RetrySafe(str(exc)) from exc
+            raise
+        if own is not None and counted is not None:
+            return int(own[0]), bytes(own[1]), int(counted[0])
+        begin = False
+    raise StoreBusy("the pooled row was folded again and again while this write waited; retry")
+
+
+async def _fold_pooled(
+    conn: Conn, policy: str, shard: str, size: int, ts_ms: int
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """Lock the policy's stale rows (as Store.add_pooled defines them) and the folded row;
+    the statements that fold the first into the second, to run before COMMIT."""
+    cur = await conn.execute(
+        _LOCK_STALE_POOLED, (policy, ts_ms - POOLED_FOLD_AFTER_MS, FOLDED_SHARD, shard)
+    )
+    stale = await cur.fetchall()
+    if not stale:
+        return []
+    async with conn.pipeline() as p:
+        await conn.execute(
+            _ENSURE_POOLED, (policy, FOLDED_SHARD, encode_array(np.zeros(size)), ts_ms)
+        )
+        folded_cur = await conn.execute(_LOCK_POOLED, (policy, FOLDED_SHARD))
+        await p.sync()
+    folded = await folded_cur.fetchall()
+    total = sum_pooled([*folded, *(r[1:] for r in stale)], f"a pooled row of {policy}")
+    if total is None:  # not so: there is a stale row
+        return []
+    return [
+        (_UPDATE_POOLED, (total.count, encode_array(total.stats), ts_ms, policy, FOLDED_SHARD)),
+        (
+            "DELETE FROM pooled WHERE policy = %s AND shard = ANY(%s)",
+            (policy, [r[0] for r in stale]),
+        ),
+    ]
 
 
 @contextmanager

@@ -44,17 +44,25 @@ from typing import Any, TypeVar
 import orjson
 
 from oo_serving.check import CheckReport
+from oo_serving.core.features import Vector
+from oo_serving.core.policy import Pooled
 from oo_serving.errors import StoreBusy, StoreUnavailable
 from oo_serving.store import consistency, migrations
 from oo_serving.store.base import (
     DECISION_COLUMNS,
     EXPORT_PAGE_ROWS,
     EXPORTS_AT_ONCE,
+    FOLDED_SHARD,
+    POOLED_FOLD_AFTER_MS,
+    POOLED_MAX_SHARDS,
     REF_COLUMNS,
+    REPLAY_SQL,
     USER_COLUMNS,
     DecisionLookup,
     DecisionRecord,
     HistoryEntry,
+    LoggedReward,
+    ReplayNeeded,
     RewardFn,
     RewardWrite,
     ScoreFn,
@@ -62,11 +70,16 @@ from oo_serving.store.base import (
     Slots,
     UserExport,
     UserRecord,
+    add_stats,
     decision_from_row,
     encode_array,
+    encode_optional,
+    pooled_stats,
     ref_from_row,
     refuse_newer,
+    replay_from_rows,
     require_current,
+    sum_pooled,
     user_from_row,
     user_params,
 )
@@ -74,19 +87,25 @@ from oo_serving.store.base import (
 T = TypeVar("T")
 
 _UPSERT_USER = """
-INSERT INTO user_model (user_id, policy, a_inv, b, pulls, reward_count,
+INSERT INTO user_model (user_id, policy, state, state_version, pulls, reward_count,
                         cumulative_reward, last_updated_ms)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (user_id) DO UPDATE SET
-    policy = excluded.policy, a_inv = excluded.a_inv, b = excluded.b,
-    pulls = excluded.pulls, reward_count = excluded.reward_count,
-    cumulative_reward = excluded.cumulative_reward,
+    policy = excluded.policy, state = excluded.state,
+    state_version = excluded.state_version, pulls = excluded.pulls,
+    reward_count = excluded.reward_count, cumulative_reward = excluded.cumulative_reward,
     last_updated_ms = excluded.last_updated_ms
 """
 _INSERT_DECISION = """
 INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score, policy,
-                      propensity, model_version, candidate_ids, candidate_x)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                      propensity, model_version, candidate_ids, candidate_x,
+                      candidate_features, context)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_UPSERT_POOLED = """
+INSERT INTO pooled (policy, shard, count, stats, updated_ms) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (policy, shard) DO UPDATE SET
+    count = excluded.count, stats = excluded.stats, updated_ms = excluded.updated_ms
 """
 
 SYNCHRONOUS_MODES = ("full", "normal", "extra")
@@ -202,9 +221,24 @@ class SQLiteStore:
     async def delete_user(self, user_id: str) -> bool:
         return await self._write(functools.partial(self._delete_user, user_id))
 
+    async def add_pooled(
+        self, policy: str, shard: str, count: int, stats: Vector, ts_ms: int
+    ) -> None:
+        flat = pooled_stats(stats)
+        await self._write(functools.partial(_add_pooled, policy, shard, count, flat, ts_ms))
+
     # ── reads ────────────────────────────────────────────────────────────────
     async def get_user(self, user_id: str) -> UserRecord | None:
         return await self._read(functools.partial(_load_user, user_id=user_id))
+
+    async def pooled(self, policy: str) -> Pooled | None:
+        def query(conn: sqlite3.Connection) -> Pooled | None:
+            rows = conn.execute(
+                "SELECT count, stats FROM pooled WHERE policy = ? ORDER BY shard", (policy,)
+            ).fetchall()
+            return sum_pooled(rows, f"a pooled row of {policy}")
+
+        return await self._read(query)
 
     async def history(self, user_id: str, limit: int) -> list[HistoryEntry]:
         def query(conn: sqlite3.Connection) -> list[HistoryEntry]:
@@ -253,9 +287,7 @@ class SQLiteStore:
 
                 def page(_: sqlite3.Connection) -> list[DecisionRecord]:
                     rows = cursor.fetchmany(EXPORT_PAGE_ROWS)
-                    return [
-                        decision_from_row(r, orjson.loads(r[5]), orjson.loads(r[11])) for r in rows
-                    ]
+                    return [decision_from_row(r, json_as_text=True) for r in rows]
 
                 async def pages() -> AsyncIterator[list[DecisionRecord]]:
                     while batch := await self._read(page):
@@ -267,7 +299,11 @@ class SQLiteStore:
 
     # ── the write bodies, run on the writer thread inside BEGIN IMMEDIATE ────
     def _score(self, user_id: str, fn: ScoreFn, conn: sqlite3.Connection) -> ScoreWrite:
-        write = fn(_load_user(conn, user_id))
+        user = _load_user(conn, user_id)
+        try:
+            write = fn(user, None)
+        except ReplayNeeded:
+            write = fn(user, _load_replay(conn, user_id))
         _put_user(conn, write.user)
         d = write.decision
         inserted = conn.execute(
@@ -286,6 +322,8 @@ class SQLiteStore:
                 d.model_version,
                 orjson.dumps(d.candidate_ids).decode(),
                 encode_array(d.candidate_X),
+                encode_optional(d.candidate_features),
+                orjson.dumps(d.context).decode(),
             ),
         ).rowcount
         _expect_one(inserted, "log the decision")
@@ -308,7 +346,12 @@ class SQLiteStore:
                 " ORDER BY seq DESC LIMIT 1",
                 (user_id, lookup.tip_id),
             ).fetchone()
-        write = fn(_load_user(conn, user_id), ref_from_row(row))
+        user = _load_user(conn, user_id)
+        ref = ref_from_row(row, json_as_text=True)
+        try:
+            write = fn(user, ref, None)
+        except ReplayNeeded:
+            write = fn(user, ref, _load_replay(conn, user_id))
         if write.user is not None:
             _put_user(conn, write.user)
         if write.reward_event is not None:
@@ -679,6 +722,46 @@ def _load_user(conn: sqlite3.Connection, user_id: str) -> UserRecord | None:
         f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = ?", (user_id,)
     ).fetchone()
     return user_from_row(user_id, row)
+
+
+def _load_replay(conn: sqlite3.Connection, user_id: str) -> list[LoggedReward]:
+    rows = conn.execute(REPLAY_SQL, (user_id,)).fetchall()
+    return replay_from_rows(rows, json_as_text=True)
+
+
+def _add_pooled(
+    policy: str, shard: str, count: int, stats: Vector, ts_ms: int, conn: sqlite3.Connection
+) -> None:
+    """Store.add_pooled's transaction, on the writer thread inside BEGIN IMMEDIATE (which
+    already excludes every other writer, so a plain read-modify-write is safe)."""
+    row = conn.execute(
+        "SELECT count, stats FROM pooled WHERE policy = ? AND shard = ?", (policy, shard)
+    ).fetchone()
+    if row is not None:
+        stats = add_stats(row[1], stats, f"the pooled row ({policy}, {shard})")
+        count += row[0]
+    conn.execute(_UPSERT_POOLED, (policy, shard, count, encode_array(stats), ts_ms))
+    (shards,) = conn.execute("SELECT count(*) FROM pooled WHERE policy = ?", (policy,)).fetchone()
+    if shards <= POOLED_MAX_SHARDS:
+        return
+    stale = conn.execute(
+        "SELECT shard, count, stats FROM pooled WHERE policy = ? AND updated_ms < ?"
+        " AND shard NOT IN (?, ?) ORDER BY shard",
+        (policy, ts_ms - POOLED_FOLD_AFTER_MS, FOLDED_SHARD, shard),
+    ).fetchall()
+    if not stale:
+        return
+    folded = conn.execute(
+        "SELECT count, stats FROM pooled WHERE policy = ? AND shard = ?", (policy, FOLDED_SHARD)
+    ).fetchall()
+    total = sum_pooled([*folded, *(r[1:] for r in stale)], f"a pooled row of {policy}")
+    if total is not None:  # always: there is a stale row
+        conn.execute(
+            _UPSERT_POOLED, (policy, FOLDED_SHARD, total.count, encode_array(total.stats), ts_ms)
+        )
+        conn.executemany(
+            "DELETE FROM pooled WHERE policy = ? AND shard = ?", [(policy, r[0]) for r in stale]
+        )
 
 
 def _put_user(conn: sqlite3.Connection, u: UserRecord) -> None:
