@@ -32,6 +32,8 @@ from prometheus_client import (
 from prometheus_client.registry import Collector
 
 from oo_serving.check import CheckReport
+from oo_serving.core.features import Vector
+from oo_serving.core.policy import Pooled
 from oo_serving.errors import ServiceError, Unavailable
 from oo_serving.store.base import (
     DecisionLookup,
@@ -241,6 +243,14 @@ class InstrumentedStore:
         return await self._timed(
             "prune_decisions", self.inner.prune_decisions(older_than_ms, batch_size)
         )
+
+    async def add_pooled(
+        self, policy: str, shard: str, count: int, stats: Vector, ts_ms: int
+    ) -> None:
+        await self._timed("add_pooled", self.inner.add_pooled(policy, shard, count, stats, ts_ms))
+
+    async def pooled(self, policy: str) -> Pooled | None:
+        return await self._timed("pooled", self.inner.pooled(policy))
 
     async def check(self) -> CheckReport:
         # Not timed: a scan of the whole database, run by an operator, would only stretch

@@ -11,20 +11,26 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from oo_serving.core.features import TaskFeatures, feature_matrix, feature_vector
-from oo_serving.core.linucb import LinUCBState
-from oo_serving.core.policy import LINUCB_V1, LinUCBPolicy
-from oo_serving.errors import Conflict, TipMismatch, UnknownEvent
+import numpy as np
+
+from oo_serving.assignment import Assignment
+from oo_serving.core import registry
+from oo_serving.core.features import TaskFeatures, Vector
+from oo_serving.core.policy import Explanation, Policy
+from oo_serving.errors import TipMismatch, UnknownEvent
+from oo_serving.population import Population
 from oo_serving.store.base import (
     DecisionLookup,
     DecisionRecord,
     DecisionRef,
     HistoryEntry,
+    Replay,
+    ReplayNeeded,
     RewardWrite,
     ScoreWrite,
     Store,
@@ -77,10 +83,13 @@ class Candidate(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class ScoreResult:
+    """explanation: the chosen candidate's, when asked for."""
+
     tip_id: str
     score: float
     policy: str
     event_id: str
+    explanation: Explanation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,53 +106,84 @@ class RewardResult:
 
 @dataclass(frozen=True, slots=True)
 class Stats:
+    """policy: the policy whose weights `theta` are (feature_names order): the one that
+    learned the stored model, or for an unknown user the one that would serve it."""
+
     user_id: str
     pulls: int
     reward_count: int
     cumulative_reward: float
     estimated_mean: float
+    policy: str
+    feature_names: tuple[str, ...]
     theta: list[float]
     last_updated_ms: int | None
 
 
 class Service:
-    """The operations of the API, each one transaction on one user."""
+    """The operations of the API, each one transaction on one user.
+
+    Which policy serves a user is the assignment's; the policy owns its features and the
+    state it stores. A user whose stored model was learned by another policy (the split
+    changed, or OO_POLICY did) has its model rebuilt under the serving policy from its
+    logged decisions and rewards, in the same transaction: a switch loses no learning
+    that the log still holds, and never fails.
+    """
 
     def __init__(
         self,
         store: Store,
-        policy: LinUCBPolicy = LINUCB_V1,
+        assignment: Assignment | None = None,
         *,
         history_size: int = 100,
         decision_log_per_user: int = 1000,
         clock_ms: Callable[[], int] = now_ms,
         event_ids: Callable[[], str] | None = None,
+        population: Population | None = None,
     ) -> None:
         self.store = store
-        self.policy = policy
+        self.assignment = assignment or Assignment.single(registry.DEFAULTS["linucb-v1"])
         self.history_size = history_size
         self.decisions_kept = max(decision_log_per_user, history_size)
         self._clock_ms = clock_ms
         self._event_ids = event_ids or EventIds()
+        self.population = population or Population(
+            store, self.assignment.policies, clock_ms=clock_ms
+        )
 
-    async def score(self, user_id: str, candidates: Sequence[Candidate]) -> ScoreResult:
-        """Choose one candidate, log the decision, count the pull."""
-        X = feature_matrix([c.features for c in candidates])
+    async def score(
+        self,
+        user_id: str,
+        candidates: Sequence[Candidate],
+        context: Mapping[str, int] | None = None,
+        *,
+        explain: bool = False,
+    ) -> ScoreResult:
+        """Choose one candidate, log the decision with every candidate's raw features,
+        count the pull."""
+        policy = self.assignment.policy_for(user_id)
+        tasks = [c.features for c in candidates]
+        X = policy.features(tasks)
+        raw = np.array(tasks, dtype=np.float64).reshape(-1, 4)
         candidate_ids = tuple(c.id for c in candidates)
+        context_json = dict(context or {})
+        prior = self.population.prior(policy.name)
         event_id = self._event_ids()
         ts = self._clock_ms()
+        explanation: Explanation | None = None
 
-        def decide(user: UserRecord | None) -> ScoreWrite:
-            state = self._state_of(user)
-            choice = self.policy.choose(state, X)
+        def decide(user: UserRecord | None, replay: Replay | None) -> ScoreWrite:
+            nonlocal explanation
+            state, encoded = self._state_of(policy, user, replay)
+            choice = policy.choose(state, X, prior)
             chosen = candidates[choice.index]
             seq = (user.pulls if user else 0) + 1
             reward_count = user.reward_count if user else 0
             record = UserRecord(
                 user_id=user_id,
-                policy=self.policy.name,
-                A_inv=state.A_inv,
-                b=state.b,
+                policy=policy.name,
+                state=encoded if encoded is not None else policy.encode(state),
+                state_version=policy.state_version,
                 pulls=seq,
                 reward_count=reward_count,
                 cumulative_reward=user.cumulative_reward if user else 0.0,
@@ -158,17 +198,27 @@ class Service:
                 features=chosen.features.as_dict(),
                 x=X[choice.index],
                 score=choice.score,
-                policy=self.policy.name,
-                propensity=self.policy.propensity(choice),
+                policy=policy.name,
+                propensity=policy.propensity(choice),
                 model_version=reward_count,
                 candidate_ids=candidate_ids,
                 candidate_X=X,
+                candidate_features=raw,
+                context=context_json,
             )
+            if explain:
+                explanation = policy.explain(state, X[choice.index], prior)
             return ScoreWrite(record, decision, keep_from_seq=seq - self.decisions_kept + 1)
 
         write = await self.store.score_tx(user_id, decide)
         d = write.decision
-        return ScoreResult(tip_id=d.tip_id, score=d.score, policy=d.policy, event_id=d.event_id)
+        return ScoreResult(
+            tip_id=d.tip_id,
+            score=d.score,
+            policy=d.policy,
+            event_id=d.event_id,
+            explanation=explanation,
+        )
 
     async def reward(
         self,
@@ -178,19 +228,23 @@ class Service:
         features: TaskFeatures | None,
         event_id: str | None = None,
     ) -> RewardResult:
-        """Learn from a reward, on the vector that was scored.
+        """Learn from a reward, on the candidate that was scored.
 
-        With event_id: on that decision's vector, once; a repeat is acknowledged and not
-        learned again. tip_id, if given, must be that decision's; features are not used.
-        Without: on the user's latest decision for tip_id, or, if none is logged, on the
-        features in the request (the prototype's behaviour); both are then required.
+        With event_id: on that decision's candidate, once; a repeat is acknowledged and
+        not learned again. tip_id, if given, must be that decision's; features are not
+        used. Without: on the user's latest decision for tip_id, or, if none is logged,
+        on the features in the request (the prototype's behaviour); both are then required.
         """
         if event_id is None and (tip_id is None or features is None):
             raise ValueError("a reward without event_id needs tip_id and features")
-        x_from_request = None if features is None else feature_vector(features)
+        policy = self.assignment.policy_for(user_id)
         ts = self._clock_ms()
+        learned_on: TaskFeatures | None = None
 
-        def learn(user: UserRecord | None, ref: DecisionRef | None) -> RewardWrite:
+        def learn(
+            user: UserRecord | None, ref: DecisionRef | None, replay: Replay | None
+        ) -> RewardWrite:
+            nonlocal learned_on
             if event_id is not None:
                 if ref is None:
                     raise UnknownEvent(
@@ -205,15 +259,20 @@ class Service:
                     )
                 if ref.reward is not None:
                     return RewardWrite(None, None, reward, ts, matched_event=ref.event_id)
-            state = self._state_of(user)
-            x = ref.x if ref is not None else x_from_request
-            assert x is not None  # no decision, so no event_id: features were required
-            new_state = self.policy.update(state, x, reward)
+            state, _ = self._state_of(policy, user, replay)
+            if ref is not None:
+                learned_on = _task_features(ref.features)
+                x = ref.x if ref.policy == policy.name else policy.features([learned_on])[0]
+            else:
+                assert features is not None  # no decision, so no event_id: features required
+                learned_on = features
+                x = policy.features([features])[0]
+            new_state = policy.update(state, x, reward)
             record = UserRecord(
                 user_id=user_id,
-                policy=self.policy.name,
-                A_inv=new_state.A_inv,
-                b=new_state.b,
+                policy=policy.name,
+                state=policy.encode(new_state),
+                state_version=policy.state_version,
                 pulls=user.pulls if user else 0,
                 reward_count=(user.reward_count if user else 0) + 1,
                 cumulative_reward=(user.cumulative_reward if user else 0.0) + reward,
@@ -231,6 +290,8 @@ class Service:
         # The lookup goes by event_id when there is one; only without it is tip_id read.
         lookup = DecisionLookup(tip_id=tip_id, event_id=event_id)
         write = await self.store.reward_tx(user_id, lookup, learn)
+        if write.user is not None and learned_on is not None:
+            self.population.learn(learned_on, reward)  # only once committed
         return RewardResult(learned=write.user is not None, event_id=write.matched_event)
 
     async def reset(self, user_id: str) -> bool:
@@ -239,19 +300,37 @@ class Service:
 
     async def stats(self, user_id: str) -> Stats:
         user = await self.store.get_user(user_id)
+        serving = self.assignment.policy_for(user_id)
         if user is None:
-            return Stats(user_id, 0, 0, 0.0, 0.0, [0.0] * self.policy.d, None)
+            initial = serving.theta(serving.initial_state(), self.population.prior(serving.name))
+            return Stats(
+                user_id, 0, 0, 0.0, 0.0, serving.name, serving.feature_names, _floats(initial), None
+            )
+        policy, theta = self.model_theta(user)
         mean = user.cumulative_reward / user.reward_count if user.reward_count else 0.0
-        theta = LinUCBState(A_inv=user.A_inv, b=user.b).theta
         return Stats(
             user_id=user_id,
             pulls=user.pulls,
             reward_count=user.reward_count,
             cumulative_reward=user.cumulative_reward,
             estimated_mean=mean,
-            theta=[float(v) for v in theta],
+            policy=user.policy,
+            feature_names=policy.feature_names if policy else (),
+            theta=_floats(theta) if theta is not None else [],
             last_updated_ms=user.last_updated_ms,
         )
+
+    def model_theta(self, user: UserRecord) -> tuple[Policy | None, Vector | None]:
+        """The policy that learned a stored model (None if this release does not know it)
+        and the weights it estimates for the user (None if the state does not decode)."""
+        policy = self._known(user.policy)
+        if policy is None:
+            return None, None
+        try:
+            state = policy.decode(user.state, user.state_version)
+        except ValueError:
+            return policy, None
+        return policy, policy.theta(state, self.population.prior(policy.name))
 
     async def history(self, user_id: str) -> list[HistoryEntry]:
         return await self.store.history(user_id, self.history_size)
@@ -265,13 +344,44 @@ class Service:
         its decisions come in pages, read as they are consumed."""
         return self.store.export_user(user_id)
 
-    def _state_of(self, user: UserRecord | None) -> LinUCBState:
+    def _known(self, name: str) -> Policy | None:
+        for policy in self.assignment.policies:
+            if policy.name == name:
+                return policy
+        return registry.DEFAULTS.get(name)
+
+    def _state_of(
+        self, policy: Policy, user: UserRecord | None, replay: Replay | None
+    ) -> tuple[Any, bytes | None]:
+        """The user's state under `policy`, and its stored bytes when it was stored so
+        (None when it was rebuilt and must be written).
+
+        A model of another policy, of a state version this release does not read, or of
+        a policy it does not know, is rebuilt from the user's learned rewards: the first
+        call raises ReplayNeeded, and the store calls again with them.
+        """
         if user is None:
-            return self.policy.initial_state()
-        if user.policy != self.policy.name or user.b.shape != (self.policy.d,):
-            raise Conflict(
-                f"this user's model was learned by policy {user.policy!r}, not"
-                f" {self.policy.name!r}; reset the user to start over",
-                loc=("body", "user_id"),
-            )
-        return LinUCBState(A_inv=user.A_inv, b=user.b)
+            return policy.initial_state(), None
+        if user.policy == policy.name and user.state_version == policy.state_version:
+            return policy.decode(user.state, user.state_version), user.state
+        if replay is None:
+            raise ReplayNeeded
+        state = policy.initial_state()
+        for logged in replay:
+            x = policy.features([_task_features(logged.features)])[0]
+            state = policy.update(state, x, logged.reward)
+        return state, None
+
+
+def _task_features(features: Mapping[str, Any]) -> TaskFeatures:
+    """Raw features as logged (a JSON object) as the TaskFeatures they were scored as."""
+    return TaskFeatures(
+        int(features["hour_of_day"]),
+        bool(features["is_overdue"]),
+        float(features["task_age_days"]),
+        int(features["priority"]),
+    )
+
+
+def _floats(v: Vector) -> list[float]:
+    return [float(x) for x in v]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite:///./var/oo-serving.db"
@@ -26,6 +26,50 @@ class Settings(BaseSettings):
         DEFAULT_DATABASE_URL,
         description="sqlite:///relative.db, sqlite:////absolute.db (folder created), or"
         " postgresql://user@host:port/dbname.",
+    )
+    policy: str = Field(
+        "linucb-v1",
+        description="The policy serving every user: linucb-v1 (the prototype's) or linucb-v2"
+        " (population prior, hour × task interactions, forgetting).",
+    )
+    policy_split: str = Field(
+        "",
+        description="Split users between policies by a stable hash of the user id, e.g."
+        " linucb-v1:50,linucb-v2:50 (weights are shares); overrides OO_POLICY. Empty: no split.",
+    )
+    linucb_v2_alpha: float = Field(
+        0.3, ge=0, le=100, description="linucb-v2: exploration α (the bonus α·sqrt(xᵀA⁻¹x))."
+    )
+    linucb_v2_prior_weight: float = Field(
+        3.0,
+        gt=0,
+        le=1e6,
+        description="linucb-v2: λ, how many rewards' worth the population's weights count for"
+        " on the five base features.",
+    )
+    linucb_v2_interaction_prior_weight: float = Field(
+        30.0,
+        gt=0,
+        le=1e6,
+        description="linucb-v2: λ on the six hour × task interactions (larger: the population,"
+        " not each user, learns them).",
+    )
+    linucb_v2_discount: float = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="linucb-v2: γ, each reward multiplies a user's earlier evidence by γ"
+        " (1: never forget).",
+    )
+    linucb_v2_population_ridge: float = Field(
+        1.0, gt=0, le=1e6, description="linucb-v2: ridge of the population's own regression."
+    )
+    population_refresh_s: float = Field(
+        1.0,
+        ge=0.1,
+        le=3600,
+        description="How often each worker writes the population statistics it learned and"
+        " re-reads everyone's (linucb-v2's prior).",
     )
     max_candidates: int = Field(
         1000, ge=1, le=100_000, description="Most candidates one /score may offer."
@@ -118,3 +162,21 @@ class Settings(BaseSettings):
         description="Folder for the workers' metric files (emptied at start); empty: a"
         " temporary folder removed at exit.",
     )
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        from oo_serving.core import registry
+
+        if value not in registry.NAMES:
+            raise ValueError(f"no policy {value!r}; policies: {', '.join(registry.NAMES)}")
+        return value
+
+    @field_validator("policy_split")
+    @classmethod
+    def _valid_split(cls, value: str) -> str:
+        from oo_serving.assignment import parse_split
+
+        if value.strip():
+            parse_split(value)
+        return value.strip()

@@ -25,6 +25,8 @@ STATS_KEYS = {
     "cumulative_reward",
     "estimated_mean",
     "estimated_mean_reward",
+    "policy",
+    "feature_names",
     "theta",
     "last_updated",
 }
@@ -144,6 +146,8 @@ def unknown_stats(user_id: str) -> dict[str, Any]:
         "cumulative_reward": 0.0,
         "estimated_mean": 0.0,
         "estimated_mean_reward": 0.0,
+        "policy": "linucb-v1",
+        "feature_names": ["hour_sin", "hour_cos", "is_overdue", "task_age_days", "priority_norm"],
         "theta": [0.0] * 5,
         "last_updated": None,
     }

@@ -56,8 +56,16 @@ def test_export_holds_the_model_and_every_decision(client: httpx.Client, user_id
     assert (model["pulls"], model["reward_count"], model["cumulative_reward"]) == (2, 1, 1.0)
     assert np.allclose(model["theta"], stats["theta"], rtol=0, atol=1e-12)
     # θ is A⁻¹b, and the exported A⁻¹ is the inverse of I + x xᵀ for the rewarded vector.
-    A_inv = np.array(model["A_inv"])
-    assert np.allclose(A_inv @ np.array(model["b"]), model["theta"], atol=1e-12)
+    assert model["feature_names"] == [
+        "hour_sin",
+        "hour_cos",
+        "is_overdue",
+        "task_age_days",
+        "priority_norm",
+    ]
+    assert model["state_version"] == 1
+    A_inv = np.array(model["state"]["A_inv"])
+    assert np.allclose(A_inv @ np.array(model["state"]["b"]), model["theta"], atol=1e-12)
     chosen_x = np.array(export["decisions"][0]["x"])
     assert np.allclose(np.linalg.inv(np.identity(5) + np.outer(chosen_x, chosen_x)), A_inv)
 
@@ -78,6 +86,12 @@ def test_export_holds_the_model_and_every_decision(client: httpx.Client, user_id
         chosen = next(c for c in d["candidates"] if c["id"] == d["tip_id"])
         assert d["x"] == chosen["x"]
         assert d["features"]["hour_of_day"] == hour
+        assert d["features"] == chosen["features"]
+        assert d["context"] == {"hour_of_day": hour, "day_of_week": 0}
+        assert [c["features"] for c in d["candidates"]] == [
+            {"hour_of_day": hour, "is_overdue": False, "task_age_days": 0.0, "priority": 4},
+            {"hour_of_day": hour, "is_overdue": True, "task_age_days": 0.0, "priority": 1},
+        ]
     # The export agrees with what /features shows.
     history = client.get(f"/features/{user_id}").json()["history"]
     assert [h["event_id"] for h in history] == [d["event_id"] for d in decisions]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +17,9 @@ from oo_serving.api.errors import install_error_handlers
 from oo_serving.api.observe import ObserveMiddleware
 from oo_serving.api.routes import build_router, install_body_schemas
 from oo_serving.api.schemas import ErrorResponse
+from oo_serving.assignment import Assignment, parse_split
+from oo_serving.core import registry
+from oo_serving.core.policy import Policy
 from oo_serving.logs import UserIdHasher
 from oo_serving.metrics import InstrumentedStore, Metrics
 from oo_serving.service import Service
@@ -23,8 +28,10 @@ from oo_serving.store import open_store
 
 DESCRIPTION = """
 Picks which tip (one of a user's tasks) the oO app shows next, and learns from what the
-user does with it. Per-user LinUCB (`linucb-v1`), durable state, every decision logged
-with an `event_id` and its probability.
+user does with it. Policies: `linucb-v1` (the prototype's per-user LinUCB) and
+`linucb-v2` (population prior, hour × task interactions, forgetting), one for everyone or
+split between users. Durable state, every decision logged with an `event_id`, its
+probability and every candidate offered.
 
 Errors are JSON: `{"detail": [{"loc": [...], "msg": "...", "type": "..."}]}`; `loc`
 names the field.
@@ -38,6 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
     store = InstrumentedStore(open_store(settings), metrics)
     service = Service(
         store,
+        assignment_of(settings),
         history_size=settings.history_size,
         decision_log_per_user=settings.decision_log_per_user,
     )
@@ -45,8 +53,23 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await store.open()
+        population = service.population
         try:
-            yield
+            # The population's prior is read before the first request, so a new user's
+            # very first /score uses it.
+            if not population.names:
+                yield
+                return
+            await population.refresh()
+            refresher = asyncio.create_task(population.run(settings.population_refresh_s))
+            try:
+                yield
+            finally:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
+                with contextlib.suppress(Exception):  # the database may be what stopped us
+                    await population.flush()
         finally:
             await store.close()
 
@@ -75,6 +98,29 @@ def create_app(settings: Settings) -> FastAPI:
     install_body_schemas(app, body_models, access.security_schemes)
     app.state.service = service
     return app
+
+
+def policies_of(settings: Settings) -> dict[str, Policy]:
+    """Every registered policy, with the settings the service runs it with."""
+    return {
+        "linucb-v1": registry.make("linucb-v1"),
+        "linucb-v2": registry.make(
+            "linucb-v2",
+            alpha=settings.linucb_v2_alpha,
+            prior_weight=settings.linucb_v2_prior_weight,
+            interaction_prior_weight=settings.linucb_v2_interaction_prior_weight,
+            discount=settings.linucb_v2_discount,
+            population_ridge=settings.linucb_v2_population_ridge,
+        ),
+    }
+
+
+def assignment_of(settings: Settings) -> Assignment:
+    """OO_POLICY_SPLIT if set, else OO_POLICY for everyone."""
+    policies = policies_of(settings)
+    if settings.policy_split:
+        return Assignment.split(parse_split(settings.policy_split), policies)
+    return Assignment.single(policies[settings.policy])
 
 
 def create_app_from_env() -> FastAPI:

@@ -16,23 +16,30 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from oo_serving.api.schemas import CandidateFeatures, format_ts_ms
-from oo_serving.core.linucb import LinUCBState
-from oo_serving.service import now_ms
+from oo_serving.api.schemas import CandidateFeatures, Context, format_ts_ms
+from oo_serving.service import Service, now_ms
 from oo_serving.store.base import DecisionRecord, UserExport, UserRecord
 
 
-def model_json(user: UserRecord | None) -> dict[str, Any] | None:
+def model_json(service: Service, user: UserRecord | None) -> dict[str, Any] | None:
+    """The stored model as `ExportedModel` states it; a policy this release does not know,
+    or a state that does not decode, is exported with empty theta and state."""
     if user is None:
         return None
+    policy, theta = service.model_theta(user)
+    state: dict[str, Any] = {}
+    if policy is not None and theta is not None:
+        decoded = policy.decode(user.state, user.state_version)
+        state = {name: a.tolist() for name, a in policy.arrays(decoded).items()}
     return {
         "policy": user.policy,
         "pulls": user.pulls,
         "reward_count": user.reward_count,
         "cumulative_reward": user.cumulative_reward,
-        "theta": LinUCBState(A_inv=user.A_inv, b=user.b).theta.tolist(),
-        "A_inv": user.A_inv.tolist(),
-        "b": user.b.tolist(),
+        "feature_names": list(policy.feature_names) if policy is not None else [],
+        "theta": theta.tolist() if theta is not None else [],
+        "state_version": user.state_version,
+        "state": state,
         "last_updated": format_ts_ms(user.last_updated_ms),
     }
 
@@ -50,12 +57,38 @@ def decision_json(d: DecisionRecord) -> dict[str, Any]:
         "policy": d.policy,
         "propensity": d.propensity,
         "model_version": d.model_version,
+        "context": _context_in_order(d.context),
         "candidates": [
-            {"id": c, "x": x} for c, x in zip(d.candidate_ids, d.candidate_X.tolist(), strict=True)
+            {"id": c, "x": x, "features": raw}
+            for c, x, raw in zip(
+                d.candidate_ids, d.candidate_X.tolist(), _raw_features(d), strict=True
+            )
         ],
         "reward": d.reward,
         "rewarded_at": None if d.rewarded_ms is None else format_ts_ms(d.rewarded_ms),
     }
+
+
+def _context_in_order(context: dict[str, Any]) -> dict[str, Any]:
+    """The context in the schema's order (PostgreSQL's jsonb sorts keys), so that both
+    backends answer the same bytes."""
+    return {name: context[name] for name in CONTEXT_ORDER if name in context} | context
+
+
+def _raw_features(d: DecisionRecord) -> list[dict[str, Any] | None]:
+    """Each candidate's raw features (columns base.RAW_FEATURES) as the schema names them,
+    or None for each when the decision was logged before they were kept."""
+    if d.candidate_features is None:
+        return [None] * len(d.candidate_ids)
+    return [
+        {
+            "hour_of_day": int(row[0]),
+            "is_overdue": bool(row[1]),
+            "task_age_days": float(row[2]),
+            "priority": int(row[3]),
+        }
+        for row in d.candidate_features
+    ]
 
 
 def _in_schema_order(features: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +98,7 @@ def _in_schema_order(features: dict[str, Any]) -> dict[str, Any]:
 
 
 FEATURE_ORDER = tuple(CandidateFeatures.model_fields)
+CONTEXT_ORDER = tuple(Context.model_fields)
 
 
 class ExportStream(Response):
@@ -73,7 +107,9 @@ class ExportStream(Response):
 
     media_type = "application/json"
 
-    def __init__(self, user_id: str, export: UserExport, snapshot: AsyncExitStack) -> None:
+    def __init__(
+        self, user_id: str, export: UserExport, snapshot: AsyncExitStack, service: Service
+    ) -> None:
         # No Content-Length: the length is known only at the end (chunked encoding).
         self.status_code = 200
         self.background = None
@@ -81,6 +117,7 @@ class ExportStream(Response):
         self._user_id = user_id
         self._export = export
         self._snapshot = snapshot
+        self._service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -89,7 +126,7 @@ class ExportStream(Response):
                 {
                     "user_id": self._user_id,
                     "exported_at": format_ts_ms(now_ms()),
-                    "model": model_json(self._export.user),
+                    "model": model_json(self._service, self._export.user),
                 }
             )
             await _more(send, head[:-1] + b',"decisions":[')

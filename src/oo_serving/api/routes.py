@@ -221,16 +221,26 @@ def build_router(
             )
             for c in body.candidates  # type: ignore[attr-defined]
         ]
-        result = await service.score(body.user_id, candidates)
-        metrics.decision(result.policy)
-        return json_response(
-            {
-                "tip_id": result.tip_id,
-                "score": result.score,
-                "policy": result.policy,
-                "event_id": result.event_id,
-            }
+        context = {"hour_of_day": hour, "day_of_week": body.context.day_of_week}
+        result = await service.score(
+            body.user_id,
+            candidates,
+            context,
+            explain=body.explain,
         )
+        metrics.decision(result.policy)
+        answer: dict[str, Any] = {
+            "tip_id": result.tip_id,
+            "score": result.score,
+            "policy": result.policy,
+            "event_id": result.event_id,
+        }
+        if result.explanation is not None:
+            answer["explanation"] = {
+                "contributions": result.explanation.contributions,
+                "exploration_bonus": result.explanation.exploration_bonus,
+            }
+        return json_response(answer)
 
     @router.post(
         "/reward",
@@ -292,7 +302,9 @@ def build_router(
         **access.route("read", ERRORS),
     )
     async def stats(user_id: PathUserId) -> StatsResponse:
-        """The user's counters and θ. An unknown user has zeros and last_updated null."""
+        """The user's counters, and the weights its policy estimates, by feature name. An
+        unknown user has zero counters, last_updated null, and the weights a new user starts
+        from (linucb-v2: the population's)."""
         s = await service.stats(user_id)
         return StatsResponse(
             user_id=s.user_id,
@@ -301,6 +313,8 @@ def build_router(
             cumulative_reward=s.cumulative_reward,
             estimated_mean=s.estimated_mean,
             estimated_mean_reward=s.estimated_mean,
+            policy=s.policy,
+            feature_names=list(s.feature_names),
             theta=s.theta,
             last_updated=None if s.last_updated_ms is None else format_ts(s.last_updated_ms),
         )
@@ -355,6 +369,6 @@ def build_router(
             raise HTTPException(404, "Not Found")
         snapshot = AsyncExitStack()
         export = await snapshot.enter_async_context(service.export(user_id))
-        return ExportStream(user_id, export, snapshot)
+        return ExportStream(user_id, export, snapshot, service)
 
     return router, [ScoreRequest, RewardRequest]

@@ -145,6 +145,11 @@ class ScoreRequestBase(_Body):
 
     user_id: UserId
     context: Context = Field(default_factory=Context)
+    explain: bool = Field(
+        False,
+        description="Add the chosen candidate's score split by feature, and its exploration"
+        " bonus, to the answer.",
+    )
 
     model_config = ConfigDict(
         extra="ignore",
@@ -198,13 +203,26 @@ def score_request_model(max_candidates: int) -> type[ScoreRequestBase]:
     )
 
 
+class Explanation(BaseModel):
+    contributions: dict[str, float] = Field(
+        description="Per feature name, θᵢ·xᵢ: the estimated reward, split by feature."
+    )
+    exploration_bonus: float = Field(description="α·sqrt(xᵀA⁻¹x): the part that explores.")
+
+
 class ScoreResponse(BaseModel):
     tip_id: str = Field(description="The chosen candidate's id.")
-    score: float = Field(description="Its upper confidence bound θ·x + α·sqrt(xᵀA⁻¹x).")
+    score: float = Field(
+        description="Its upper confidence bound θ·x + α·sqrt(xᵀA⁻¹x): the sum of the"
+        " contributions and the exploration bonus."
+    )
     policy: str = Field(
-        description="The policy that decided, e.g. linucb-v1.", examples=["linucb-v1"]
+        description="The policy that decided: linucb-v1 or linucb-v2.", examples=["linucb-v1"]
     )
     event_id: str = Field(description="This decision's id; send it back with the reward.")
+    explanation: Explanation | None = Field(
+        None, description='Present only when the request asked for it ("explain": true).'
+    )
 
 
 # Put by RewardRequest in place of a field the body must send and did not.
@@ -331,7 +349,14 @@ class StatsResponse(BaseModel):
     cumulative_reward: float
     estimated_mean: float = Field(description="cumulative_reward / reward_count, or 0.")
     estimated_mean_reward: float = Field(description="The same value as estimated_mean.")
-    theta: list[float] = Field(description="θ = A⁻¹b, d = 5, in feature order.")
+    policy: str = Field(
+        description="The policy that learned this model (for an unknown user: the one that"
+        " would serve it)."
+    )
+    feature_names: list[str] = Field(description="The names of theta's entries, in order.")
+    theta: list[float] = Field(
+        description="The policy's estimated weights, one per feature (linucb-v1: θ = A⁻¹b, d = 5)."
+    )
     last_updated: str | None = Field(
         description="UTC, e.g. 2026-11-27T12:00:00Z; null if unknown user."
     )
@@ -364,15 +389,22 @@ class ExportedModel(BaseModel):
     pulls: int
     reward_count: int
     cumulative_reward: float
-    theta: list[float] = Field(description="θ = A⁻¹b.")
-    A_inv: list[list[float]] = Field(description="A⁻¹, d × d, row by row.")
-    b: list[float]
+    feature_names: list[str] = Field(description="The names of theta's entries, in order.")
+    theta: list[float] = Field(description="The policy's estimated weights.")
+    state_version: int = Field(description="The format of `state`, per policy.")
+    state: dict[str, list[Any]] = Field(
+        description="The policy's stored state as named arrays, e.g. linucb-v1: A_inv (d × d,"
+        " row by row) and b; linucb-v2: D (the discounted Σ x xᵀ) and b."
+    )
     last_updated: str = Field(description="UTC, to the millisecond.")
 
 
 class ExportedCandidate(BaseModel):
     id: str
     x: list[float] = Field(description="The feature vector it was scored on.")
+    features: CandidateFeatures | None = Field(
+        description="Its raw features as scored; null for decisions logged before they were kept."
+    )
 
 
 class ExportedDecision(BaseModel):
@@ -386,6 +418,7 @@ class ExportedDecision(BaseModel):
     policy: str
     propensity: float = Field(description="Probability the policy gave this choice.")
     model_version: int = Field(description="The user's reward_count when it was made.")
+    context: dict[str, int] = Field(description="The request's context, as scored.")
     candidates: list[ExportedCandidate] = Field(description="Every tip offered, in order.")
     reward: float | None = Field(description="The reward learned for it, if any.")
     rewarded_at: str | None
