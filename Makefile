@@ -7,13 +7,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test lint typecheck pytest lock bench clean
+.PHONY: install serve test lint typecheck pytest lock bench bench-learning clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,report]'
 	@touch $@
 
 serve: install
@@ -32,9 +32,9 @@ pytest: install
 	$(BIN)/python -m pytest
 
 # Re-pin every dependency to what is installed now (after changing pyproject.toml); the
-# bench extra is installed first so that its pins stay in the lock.
+# bench and report extras are installed first so that their pins stay in the lock.
 lock: install
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,bench,report]'
 	$(BIN)/python -m pip freeze --exclude-editable --disable-pip-version-check \
 		| grep -v '^oo-serving' > requirements.lock
 
@@ -44,3 +44,8 @@ clean:
 # Measure against the prototype and write docs/benchmarks.md (minutes; never part of test).
 bench: install
 	$(BIN)/python bench/run.py
+
+# Regret over real HTTP, ours (linucb-v2) against the prototype, on the task-app simulator;
+# writes docs/learning-http.md (about half an hour; never part of test).
+bench-learning: install
+	$(BIN)/python bench/learning.py --out docs/learning-http.md

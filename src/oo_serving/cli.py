@@ -1,4 +1,4 @@
-"""The `oo-serving` command: serve, migrate.
+"""The `oo-serving` command: serve, migrate, prune, check, simulate.
 
 Every flag has an OO_* environment variable; a flag given wins over the variable.
 """
@@ -12,13 +12,14 @@ import logging.config
 import math
 import os
 import secrets
+import shlex
 import shutil
 import tempfile
 import time
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 import uvicorn
@@ -303,6 +304,222 @@ def check(
         for line in report.lines():
             typer.echo(line)
     raise typer.Exit(0 if report.ok else 1)
+
+
+# ── simulate ─────────────────────────────────────────────────────────────────
+
+SIMULATE_SCENARIOS = ("linear", "realistic", "drift", "slow-drift")  # sim/scenarios.py
+SIMULATE_POLICIES = ("linucb-v1", "linucb-v2")
+SIMULATE_IGNORED = ("no-reward", "zero")  # sim/runner.py
+# Scenario settings that have an option of their own.
+SIMULATE_OWN_OPTIONS = {"users": "--users", "rounds": "--rounds"}
+
+
+def _refuse(message: str) -> NoReturn:
+    typer.echo(f"oo-serving: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _seeds(text: str) -> list[int]:
+    seeds = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item.isdecimal() or not item.isascii() or int(item) >= 2**32:
+            _refuse(f"--seeds {text!r}: {item!r} is not a seed (an int from 0 to 2**32 - 1)")
+        seeds.append(int(item))
+    if len(set(seeds)) != len(seeds):
+        _refuse(f"--seeds {text!r}: a seed is given twice (the SEs treat seeds as independent)")
+    return seeds
+
+
+def _simulate_command(
+    scenario: str,
+    users: int,
+    rounds: int,
+    seeds: list[int],
+    arrival: str,
+    policies: list[str],
+    baseline: str,
+    assignments: list[str],
+    refresh_every: int,
+    ignored: str,
+    cold_start_rounds: int,
+) -> str:
+    """The command line that reproduces a run, every setting spelled out."""
+    args = ["oo-serving", "simulate", "--scenario", scenario, "--users", str(users)]
+    args += ["--rounds", str(rounds), "--seeds", ",".join(map(str, seeds))]
+    args += ["--arrival", arrival]
+    for spec in policies:
+        args += ["--policy", spec]
+    args += ["--baseline", baseline]
+    for assignment in assignments:
+        args += ["--set", assignment]
+    args += ["--refresh-every", str(refresh_every), "--ignored", ignored]
+    args += ["--cold-start-rounds", str(cold_start_rounds)]
+    return shlex.join(args)
+
+
+@app.command()
+def simulate(
+    scenario: Annotated[
+        str, typer.Option(help=f"The simulated world: {', '.join(SIMULATE_SCENARIOS)}.")
+    ] = "realistic",
+    users: Annotated[int, typer.Option(min=1, help="Simulated users.")] = 100,
+    rounds: Annotated[int, typer.Option(min=1, help="Tips shown to each user.")] = 100,
+    seeds: Annotated[
+        str, typer.Option(help="Comma-separated seeds; the SEs are over seeds.")
+    ] = "1,2,3,4,5",
+    arrival: Annotated[
+        str,
+        typer.Option(
+            help="Order users play in: round-robin, user-by-user, shuffled, or cohorts:K"
+            " (K users at a time, each cohort round by round)."
+        ),
+    ] = "cohorts:8",
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--policy",
+            metavar="NAME[:KEY=VALUE,...]",
+            help="A policy to run, with settings, e.g. linucb-v2:alpha=0.2; repeat to"
+            " compare. Also: uniform, oracle."
+            f" (default: {' and '.join(SIMULATE_POLICIES)})",
+            show_default=False,
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="The policy every other is compared with. (default: the first --policy)",
+            show_default=False,
+        ),
+    ] = None,
+    assignments: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="Change a setting of the scenario, e.g. --set ignore_prob=0.5; repeatable.",
+            show_default=False,
+        ),
+    ] = None,
+    refresh_every: Annotated[
+        int,
+        typer.Option(min=1, help="Learned rewards between refreshes of the population prior."),
+    ] = 100,
+    ignored: Annotated[
+        str,
+        typer.Option(
+            help="What a policy learns from an ignored tip: no-reward (nothing, as the app"
+            " sends none) or zero."
+        ),
+    ] = "no-reward",
+    cold_start_rounds: Annotated[
+        int, typer.Option(min=1, help="Each user's first rounds, reported on their own.")
+    ] = 10,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write DIR/summary.json, DIR/regret.png and DIR/report.html"
+            " (needs the report extra).",
+            metavar="DIR",
+            file_okay=False,
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary as JSON instead of the table.")
+    ] = False,
+) -> None:
+    """Run tip policies side by side in the task-app simulator; compare their regret.
+
+    Every policy sees the same users, tasks and responses (common random numbers), so
+    differences are paired: each figure is a mean over seeds ± its standard error.
+    Exit code 2: a setting is not understood. See docs/simulation.md.
+    """
+    # Imported here: numpy-heavy, and matplotlib only when drawing; other commands never pay.
+    from oo_serving.sim import policies as sim_policies
+    from oo_serving.sim import report, runner, scenarios
+
+    if scenario not in SIMULATE_SCENARIOS:
+        _refuse(f"--scenario {scenario!r}: scenarios: {', '.join(SIMULATE_SCENARIOS)}")
+    if ignored not in SIMULATE_IGNORED:
+        _refuse(f"--ignored {ignored!r}: one of {', '.join(SIMULATE_IGNORED)}")
+    seed_list = _seeds(seeds)
+    try:
+        arrival = runner.check_arrival(arrival)
+    except ValueError as exc:
+        _refuse(f"--arrival: {exc}")
+
+    changes: dict[str, Any] = {}
+    given: list[str] = []
+    for assignment in assignments or []:
+        try:
+            key, value = scenarios.parse_setting(assignment)
+        except ValueError as exc:
+            _refuse(f"--set {assignment}: {exc}")
+        if key in SIMULATE_OWN_OPTIONS:
+            _refuse(f"--set {assignment}: use {SIMULATE_OWN_OPTIONS[key]} for {key}")
+        if key in changes:
+            _refuse(f"--set {assignment}: {key} is set twice")
+        changes[key] = value
+        given.append(assignment.strip())
+    try:
+        world = scenarios.preset(scenario, users=users, rounds=rounds, **changes)
+    except ValueError as exc:
+        _refuse(f"--set: {exc}" if changes else str(exc))
+
+    specs = policy or list(SIMULATE_POLICIES)
+    chosen: list[sim_policies.AnyPolicy] = []
+    for spec in specs:
+        try:
+            chosen.append(sim_policies.parse_policy(spec))
+        except ValueError as exc:
+            _refuse(f"--policy: {exc}")
+    names = [p.name for p in chosen]
+    if len(set(names)) != len(names):
+        _refuse(f"--policy: every policy must be given once, got {', '.join(names)}")
+    baseline = names[0] if baseline is None else baseline.strip()
+    if baseline not in names:
+        _refuse(f"--baseline {baseline!r} is not one of the policies run: {', '.join(names)}")
+    if out is not None:
+        try:
+            report.require_matplotlib()
+        except report.ReportUnavailable as exc:
+            _refuse(f"--out: {exc}")
+
+    command = _simulate_command(
+        scenario,
+        users,
+        rounds,
+        seed_list,
+        arrival,
+        names,
+        baseline,
+        given,
+        refresh_every,
+        ignored,
+        cold_start_rounds,
+    )
+    result = runner.run(
+        world,
+        chosen,
+        seed_list,
+        arrival=arrival,
+        baseline=baseline,
+        cold_start_rounds=cold_start_rounds,
+        refresh_every=refresh_every,
+        ignored="zero" if ignored == "zero" else "no-reward",
+    )
+    if as_json:
+        summary = report.summary_json(result, command=command)
+        typer.echo(json.dumps(summary, indent=2, allow_nan=False))
+    else:
+        for line in report.table(result):
+            typer.echo(line)
+    if out is not None:
+        written = report.write(result, out, command=command)
+        typer.echo(f"oo-serving: wrote {', '.join(map(str, written))}", err=True)
 
 
 def main() -> None:

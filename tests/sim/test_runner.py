@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from oo_serving.core.features import TaskFeatures
-from oo_serving.sim.policies import LinUCBSim, Oracle, SimPolicy, Uniform
-from oo_serving.sim.runner import ARRIVALS, RunResult, arrival_order, run
+from oo_serving.core.linucb_v1 import LinUCBV1
+from oo_serving.sim.policies import AnyPolicy, Oracle, PolicySim, Uniform
+from oo_serving.sim.runner import ARRIVALS, RunResult, arrival_order, check_arrival, run
 from oo_serving.sim.scenarios import Scenario, preset
 from oo_serving.sim.simulator import Context, Simulator
 
@@ -31,7 +32,8 @@ History = tuple[tuple[Context, tuple[TaskFeatures, ...]], ...]  # a user's round
 class Recorder:
     """Shows candidate 0, or the last one when `alternate` and the round has odd n.
 
-    Its state is a list (one per user) it appends to: what it saw, and the reward.
+    Its state is a list (one per user) it appends to: per round [context, candidates,
+    chosen], and then the reward when one is learned.
     """
 
     name: str
@@ -43,22 +45,32 @@ class Recorder:
         self.states.append(state)
         return state
 
+    def initial_population(self) -> None:
+        return None
+
     def choose(
         self,
         state: list[Any],
+        population: None,
         candidates: Sequence[TaskFeatures],
         context: Context,
         rng: np.random.Generator,
     ) -> int:
         chosen = len(candidates) - 1 if self.alternate and len(candidates) % 2 else 0
-        state.append((context, tuple(candidates), chosen))
+        state.append([context, tuple(candidates), chosen])
         return chosen
 
     def update(
         self, state: list[Any], chosen: TaskFeatures, context: Context, reward: float
     ) -> list[Any]:
-        state.append(reward)
+        state[-1].append(reward)
         return state
+
+    def pool(self, population: None, chosen: TaskFeatures, context: Context, reward: float) -> None:
+        return None
+
+    def refresh(self, population: None) -> None:
+        return None
 
 
 def small(name: str, **changes: Any) -> Scenario:
@@ -67,12 +79,14 @@ def small(name: str, **changes: Any) -> Scenario:
 
 @pytest.fixture(scope="module")
 def linear_run() -> RunResult:
-    return run(small("linear"), [Uniform(), LinUCBSim(), Oracle()], SEEDS, baseline="uniform")
+    return run(
+        small("linear"), [Uniform(), PolicySim(LinUCBV1()), Oracle()], SEEDS, baseline="uniform"
+    )
 
 
 @pytest.fixture(scope="module")
 def drift_runs() -> tuple[RunResult, RunResult]:
-    policies: list[SimPolicy[Any] | Oracle] = [LinUCBSim()]
+    policies: list[AnyPolicy] = [PolicySim(LinUCBV1())]
     return run(small("drift"), policies, SEEDS), run(small("realistic"), policies, SEEDS)
 
 
@@ -91,7 +105,7 @@ def test_result_shapes_and_cumulative(linear_run: RunResult) -> None:
 
 def test_same_seed_same_regret_other_seed_other() -> None:
     scenario = small("realistic", users=10)
-    policies: list[SimPolicy[Any] | Oracle] = [Uniform(), LinUCBSim()]
+    policies: list[AnyPolicy] = [Uniform(), PolicySim(LinUCBV1())]
     a, b = run(scenario, policies, (7, 8)), run(scenario, policies, (7, 8))
     c = run(scenario, policies, (9,))
     for name in ("uniform", "linucb-v1"):
@@ -102,10 +116,11 @@ def test_same_seed_same_regret_other_seed_other() -> None:
 
 
 def test_a_policy_measures_the_same_whatever_runs_beside_it(linear_run: RunResult) -> None:
-    alone = run(small("linear"), [LinUCBSim()], SEEDS)
-    np.testing.assert_array_equal(alone.instant["linucb-v1"], linear_run.instant["linucb-v1"])
-    alone = run(small("linear"), [Uniform()], SEEDS)
-    np.testing.assert_array_equal(alone.instant["uniform"], linear_run.instant["uniform"])
+    # Seeds are independent runs, so two of the five are enough to compare.
+    alone = run(small("linear"), [PolicySim(LinUCBV1())], SEEDS[:2])
+    np.testing.assert_array_equal(alone.instant["linucb-v1"], linear_run.instant["linucb-v1"][:2])
+    alone = run(small("linear"), [Uniform()], SEEDS[:2])
+    np.testing.assert_array_equal(alone.instant["uniform"], linear_run.instant["uniform"][:2])
 
 
 def test_what_a_user_sees_does_not_depend_on_the_policy_or_the_arrival_order() -> None:
@@ -123,10 +138,10 @@ def test_what_a_user_sees_does_not_depend_on_the_policy_or_the_arrival_order() -
     for arrival in ARRIVALS:
         for alternate in (False, True):
             recorder = Recorder(name="recorder", alternate=alternate)
-            policies: list[SimPolicy[Any] | Oracle] = [Uniform(), recorder]
+            policies: list[AnyPolicy] = [Uniform(), recorder]
             run(scenario, policies, seeds, arrival=arrival)
             histories: list[History] = [
-                tuple((h[0], h[1]) for h in history[0::2]) for history in recorder.states
+                tuple((h[0], h[1]) for h in history) for history in recorder.states
             ]
             seen.append(sorted(histories, key=repr))
     assert all(s == expected for s in seen)
@@ -136,31 +151,37 @@ def test_the_same_task_gets_the_same_reward_whatever_was_chosen_before() -> None
     scenario = small("realistic", users=8, rounds=30)
     first, alternating = Recorder(name="first"), Recorder(name="alternating", alternate=True)
     run(scenario, [first, alternating], (5,), arrival="shuffled")
-    same = differ = 0
+    same = differ = ignored = 0
     for a, b in zip(first.states, alternating.states, strict=True):
-        for (ctx_a, cands_a, chose_a), r_a, (ctx_b, cands_b, chose_b), r_b in zip(
-            a[0::2], a[1::2], b[0::2], b[1::2], strict=True
-        ):
-            assert (ctx_a, cands_a) == (ctx_b, cands_b)
-            if chose_a == chose_b:
-                assert r_a == r_b
+        for seen_a, seen_b in zip(a, b, strict=True):
+            assert seen_a[:2] == seen_b[:2]
+            # Ignored in the same rounds, whatever was shown: then no reward is learned.
+            assert len(seen_a) == len(seen_b)
+            if len(seen_a) == 3:
+                ignored += 1
+            elif seen_a[2] == seen_b[2]:
+                assert seen_a[3] == seen_b[3]
                 same += 1
             else:
                 differ += 1
     assert same > 50
     assert differ > 50
+    assert ignored > 20  # 30% of 240 rounds
 
 
-def test_arrival_order_changes_no_figure() -> None:
+def test_arrival_order_changes_no_figure_without_a_population() -> None:
+    """Per-user states only: users are independent, whatever order they come in.
+    (With a population it does change the figures: test_policies.py.)"""
     scenario = small("realistic", users=10, rounds=20)
-    policies: list[SimPolicy[Any] | Oracle] = [Uniform(), LinUCBSim(), Oracle()]
-    results = [run(scenario, policies, (2, 3), arrival=a) for a in ARRIVALS]
+    policies: list[AnyPolicy] = [Uniform(), PolicySim(LinUCBV1()), Oracle()]
+    arrivals = [*ARRIVALS, "cohorts:3"]
+    results = [run(scenario, policies, (2, 3), arrival=a) for a in arrivals]
     for r in results[1:]:
         for name in ("uniform", "linucb-v1", "oracle"):
             np.testing.assert_array_equal(r.instant[name], results[0].instant[name])
 
 
-@pytest.mark.parametrize("arrival", ARRIVALS)
+@pytest.mark.parametrize("arrival", [*ARRIVALS, "cohorts:1", "cohorts:3", "cohorts:4", "cohorts:9"])
 def test_arrival_orders_visit_every_round_once_in_each_users_order(arrival: Any) -> None:
     order = list(arrival_order(arrival, 4, 6, seed=1))
     assert sorted(order) == [(u, t) for u in range(4) for t in range(6)]
@@ -170,6 +191,42 @@ def test_arrival_orders_visit_every_round_once_in_each_users_order(arrival: Any)
         assert order == list(arrival_order(arrival, 4, 6, seed=1))
         assert order != list(arrival_order(arrival, 4, 6, seed=2))
         assert order != list(arrival_order("round-robin", 4, 6, seed=1))
+
+
+def test_cohorts_arrive_k_at_a_time_each_cohort_round_by_round() -> None:
+    order = list(arrival_order("cohorts:2", users=5, rounds=3, seed=1))
+    assert order == [
+        (0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2),
+        (2, 0), (3, 0), (2, 1), (3, 1), (2, 2), (3, 2),
+        (4, 0), (4, 1), (4, 2),
+    ]  # fmt: skip
+    # The service's setting: 100 users, 8 at a time; users 8..15 start when 0..7 are done.
+    order = list(arrival_order("cohorts:8", users=100, rounds=10, seed=1))
+    assert order[:9] == [*((u, 0) for u in range(8)), (0, 1)]
+    assert order[80:82] == [(8, 0), (9, 0)]
+    assert order[-4:] == [(96, 9), (97, 9), (98, 9), (99, 9)]
+    assert order[-40:-36] == [(96, 0), (97, 0), (98, 0), (99, 0)]  # a last cohort of 4
+    # One at a time is user by user; all at once (or more) is round-robin.
+    for k, same_as in ((1, "user-by-user"), (5, "round-robin"), (50, "round-robin")):
+        assert list(arrival_order(f"cohorts:{k}", 5, 3, seed=1)) == list(
+            arrival_order(same_as, 5, 3, seed=1)
+        )
+
+
+@pytest.mark.parametrize(
+    "arrival", ["cohorts:0", "cohorts:", "cohorts:x", "cohorts:-1", "cohorts:1.5", "cohorts", "8"]
+)
+def test_bad_arrivals_are_refused_naming_the_choices(arrival: str) -> None:
+    with pytest.raises(ValueError, match="round-robin, user-by-user, shuffled or cohorts:K"):
+        check_arrival(arrival)
+
+
+def test_cohorts_are_spelled_one_way() -> None:
+    assert check_arrival("cohorts:08") == "cohorts:8"
+    result = run(small("linear", users=3, rounds=2), [Uniform()], (1,), arrival="cohorts:02")
+    assert result.arrival == "cohorts:2"
+    assert (result.refresh_every, result.ignored) == (100, "no-reward")
+    assert dict(result.settings["uniform"]) == {}
 
 
 def test_oracle_regret_is_exactly_zero(linear_run: RunResult) -> None:
@@ -201,8 +258,13 @@ def test_uniform_regret_is_linear_at_its_analytic_rate(linear_run: RunResult) ->
 
 
 @pytest.mark.parametrize("seeds", [SEEDS, FRESH_SEEDS], ids=["seeds 1-5", "seeds 101-105"])
-def test_linucb_v1_beats_uniform_widely_on_linear(seeds: tuple[int, ...]) -> None:
-    result = run(small("linear"), [Uniform(), LinUCBSim()], seeds, baseline="uniform")
+def test_linucb_v1_beats_uniform_widely_on_linear(
+    seeds: tuple[int, ...], linear_run: RunResult
+) -> None:
+    if seeds == SEEDS:
+        result = linear_run  # exactly this run, already made
+    else:
+        result = run(small("linear"), [Uniform(), PolicySim(LinUCBV1())], seeds, baseline="uniform")
     totals = {name: result.cumulative[name][:, -1] for name in result.policies}
     assert np.all(totals["linucb-v1"] < 0.6 * totals["uniform"])  # on every seed
     versus = result.summary.overall.versus["linucb-v1"]
@@ -242,6 +304,7 @@ def test_a_policy_that_chooses_outside_the_candidates_is_refused() -> None:
         def choose(
             self,
             state: None,
+            population: None,
             candidates: Sequence[TaskFeatures],
             context: Context,
             rng: np.random.Generator,
@@ -263,10 +326,13 @@ def test_a_policy_that_chooses_outside_the_candidates_is_refused() -> None:
         ([Uniform()], (1,), {"arrival": "eight-at-a-time"}, "arrival"),
         ([Uniform()], (1,), {"baseline": "linucb-v1"}, "baseline"),
         ([Uniform()], (1,), {"cold_start_rounds": 0}, "cold_start_rounds"),
+        ([Uniform()], (1,), {"refresh_every": 0}, "refresh_every"),
+        ([Uniform()], (1,), {"refresh_every": 1.5}, "refresh_every"),
+        ([Uniform()], (1,), {"ignored": "skip"}, "ignored"),
     ],
 )
 def test_bad_runs_are_refused(
-    policies: list[SimPolicy[Any]], seeds: tuple[int, ...], changes: dict[str, Any], message: str
+    policies: list[AnyPolicy], seeds: tuple[int, ...], changes: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
         run(small("linear", users=2, rounds=2), policies, seeds, **changes)

@@ -214,3 +214,49 @@ def test_streams_are_keyed_and_fixed_length() -> None:
     with pytest.raises(ValueError, match="key"):
         generator(1, Stream.USER, -1)
     assert salt("uniform") == salt("uniform") != salt("linucb-v1")
+
+
+def test_a_keyed_generator_is_numpys_default_generator_of_the_key() -> None:
+    for key in [(0, 0, 0, 0, 0), (1, 2, 3, 4, 5), (2**32 - 1, 4, 99, 7, 2**31)]:
+        np.testing.assert_array_equal(
+            generator(*key).random(8),  # type: ignore[arg-type]
+            np.random.default_rng(key).random(8),
+        )
+
+
+def test_a_round_draws_what_the_docstring_says_in_that_order() -> None:
+    """Redrawn with numpy's own calls: hour, day, n, overdue, age, priority (choice with p)."""
+    scenario = preset("realistic", users=3, rounds=6, priority_probs=(0.1, 0.0, 0.5, 0.4))
+    sim = Simulator.create(scenario, 8)
+    for u in range(3):
+        for t in range(6):
+            rng = np.random.default_rng((8, int(Stream.ROUND), u, t, 0))
+            habit = sim.users[u].habit_hour
+            hour = round(habit + scenario.hour_sd * float(rng.standard_normal())) % 24
+            day = int(rng.integers(0, 7))
+            n = int(rng.integers(scenario.tasks_min, scenario.tasks_max + 1))
+            overdue = rng.random(n) < scenario.overdue_prob
+            age = np.floor(rng.exponential(scenario.mean_age_days, n))
+            priority = 1 + rng.choice(4, size=n, p=scenario.priority_probs)
+            rnd = sim.round(u, t)
+            assert rnd.context == (hour, day)
+            assert [c.is_overdue for c in rnd.candidates] == overdue.tolist()
+            assert [c.task_age_days for c in rnd.candidates] == age.tolist()
+            assert [c.priority for c in rnd.candidates] == priority.tolist()
+            assert all(
+                type(c.priority) is int and type(c.is_overdue) is bool for c in rnd.candidates
+            )
+
+
+def test_the_reward_of_a_shown_tip_is_the_response_function_exactly() -> None:
+    sim = Simulator.create(preset("realistic", users=20, rounds=20, noise=0.4), 6)
+    checked = 0
+    for r in rounds_of(sim):
+        expected = response(
+            r.utilities, np.full(len(r.candidates), r.draws.branch),
+            np.full(len(r.candidates), r.draws.level), r.noise,
+        )  # fmt: skip
+        for i in range(len(r.candidates)):
+            assert r.reward(i) == (0.0 if r.ignored else expected[i])
+            checked += not r.ignored
+    assert checked > 1000

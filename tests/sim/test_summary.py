@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from oo_serving.sim.policies import LinUCBSim, Oracle, Uniform
+from oo_serving.core.linucb_v1 import LinUCBV1
+from oo_serving.sim.policies import Oracle, PolicySim, Uniform
 from oo_serving.sim.runner import run
 from oo_serving.sim.scenarios import preset
 from oo_serving.sim.summary import Estimate, compare, estimate, summarize
@@ -43,7 +44,9 @@ def test_compare_closed_form() -> None:
 
 def test_run_summary_has_finite_positive_ses_and_self_comparison_is_exactly_zero() -> None:
     scenario = preset("realistic", users=10, rounds=15)
-    result = run(scenario, [LinUCBSim(), Uniform(), Oracle()], (1, 2, 3), baseline="uniform")
+    result = run(
+        scenario, [PolicySim(LinUCBV1()), Uniform(), Oracle()], (1, 2, 3), baseline="uniform"
+    )
     summary = result.summary
     assert summary.baseline == "uniform"
     assert (summary.overall.rounds, summary.cold_start.rounds) == (15, 10)
@@ -71,7 +74,7 @@ def test_run_summary_has_finite_positive_ses_and_self_comparison_is_exactly_zero
 
 
 def test_one_seed_gives_nan_ses_and_a_window_longer_than_the_run_is_the_run() -> None:
-    result = run(preset("linear", users=3, rounds=5), [Uniform(), LinUCBSim()], (1,))
+    result = run(preset("linear", users=3, rounds=5), [Uniform(), PolicySim(LinUCBV1())], (1,))
     assert math.isnan(result.summary.overall.total["uniform"].se)
     assert result.summary.cold_start.rounds == 5
     with pytest.raises(ValueError, match="baseline"):

@@ -3,14 +3,38 @@
 For each seed the runner draws the users once, then visits (user, round) pairs in the
 arrival order; for each pair it draws the round once and lets every policy, in turn,
 choose from the same candidates, observe its own reward (the same one for the same task)
-and update that user's state. Users are independent: each policy keeps one state per
-user, and a user's rounds always come in order 0, 1, 2, …
+and learn from it. Each policy keeps one state per user, and a user's rounds always come
+in order 0, 1, 2, …
 
-Arrival orders (a setting of the run; with per-user states they change no figure, only
-the order work is done in, which the tests check):
+It plays the service's part too. A policy that learns from the population (linucb-v2)
+has one population per (seed, policy), empty when the seed starts: every learned reward
+is added to its running sum, and every `refresh_every` learned rewards (counted over all
+of the seed's users) the sum is turned into the prior `choose` reads, as the service
+does every few seconds. 1 refreshes after every reward; a large value leaves the first
+users learning alone for longer.
+
+Ignored tips (setting `ignored`): the app sends no reward for a tip the user ignored, so
+by default ("no-reward") the policy learns nothing from such a round: neither the user's
+state nor the population changes. "zero" learns it as reward 0 instead, as if the app
+reported ignoring as a neutral response (what this simulator did before the setting
+existed). Either way the round's regret counts: the tip was shown.
+
+Arrival orders (a setting of the run):
 - "round-robin":  round 0 of every user, then round 1 of every user, …
 - "user-by-user": all of user 0's rounds, then all of user 1's, …
 - "shuffled":     a random interleaving (stream ARRIVAL of the seed), each user's rounds in order.
+- "cohorts:K":    users arrive K at a time: users 0..K−1 play all their rounds, interleaved
+                  round by round, then users K..2K−1, and so on ("cohorts:1" is
+                  user-by-user, "cohorts:<users>" round-robin). The service's target
+                  setting is 100 users arriving 8 at a time, "cohorts:8".
+
+For policies without a population (linucb-v1, the baselines) the arrival order changes
+no figure, only the order work is done in: users are independent. With a population it
+does change the figures, and that is the point of choosing it: what the population has
+learned, and what was refreshed into the prior, by the time a user's round is chosen
+depends on who came before (under "round-robin" every user's first round comes before
+anyone has learned anything; under "cohorts:8" later cohorts start from what earlier
+ones taught; "user-by-user" gives the last users the most).
 
 The result keeps every (seed, user, round)'s pseudo-regret per policy, the cumulative
 regret per round (summed over users), and the paired summary of `summary.py`.
@@ -25,21 +49,27 @@ from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 
-from oo_serving.sim.policies import Oracle, SimPolicy
+from oo_serving.sim.policies import AnyPolicy, Oracle, SimPolicy, settings_of
 from oo_serving.sim.scenarios import Scenario
 from oo_serving.sim.simulator import Round, Simulator
 from oo_serving.sim.streams import Stream, check_seed, generator, salt
 from oo_serving.sim.summary import Array, Summary, summarize
 
-Arrival = Literal["round-robin", "user-by-user", "shuffled"]
-ARRIVALS: tuple[Arrival, ...] = get_args(Arrival)
+Arrival = str
+"""One of `ARRIVALS`, or "cohorts:K" with K ≥ 1 (`check_arrival`)."""
+ARRIVALS: tuple[str, ...] = ("round-robin", "user-by-user", "shuffled")
+COHORTS = "cohorts:"
+Ignored = Literal["no-reward", "zero"]
+IGNORED: tuple[Ignored, ...] = get_args(Ignored)
 COLD_START_ROUNDS = 10
+REFRESH_EVERY = 100
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class RunResult:
     """What a run measured.
 
+    settings:   per policy, its settings by name ({} for the baselines).
     instant:    per policy, shape (seeds, users, rounds): the pseudo-regret of each user's
                 round, seeds in `seeds` order.
     cumulative: per policy, shape (seeds, rounds): regret summed over users, cumulated
@@ -50,7 +80,10 @@ class RunResult:
     scenario: Scenario
     seeds: tuple[int, ...]
     arrival: Arrival
+    refresh_every: int
+    ignored: Ignored
     policies: tuple[str, ...]
+    settings: Mapping[str, Mapping[str, float]]
     instant: Mapping[str, Array]
     cumulative: Mapping[str, Array]
     summary: Summary
@@ -60,10 +93,25 @@ class RunResult:
         return summarize(self.instant, baseline, cold_start_rounds)
 
 
+def check_arrival(arrival: str) -> Arrival:
+    """`arrival` if it names an arrival order; ValueError, listing them, otherwise."""
+    if arrival in ARRIVALS:
+        return arrival
+    if isinstance(arrival, str) and arrival.startswith(COHORTS):
+        size = arrival[len(COHORTS) :]
+        if size.isdecimal() and size.isascii() and int(size) >= 1:
+            return f"{COHORTS}{int(size)}"
+    raise ValueError(
+        f"arrival must be one of {', '.join(ARRIVALS)} or cohorts:K (K >= 1 users arriving"
+        f" together), got {arrival!r}"
+    )
+
+
 def arrival_order(
     arrival: Arrival, users: int, rounds: int, seed: int
 ) -> Iterator[tuple[int, int]]:
     """Every (user, round) once, in the order `arrival` says, each user's rounds ascending."""
+    arrival = check_arrival(arrival)
     if arrival == "round-robin":
         return ((u, t) for t in range(rounds) for u in range(users))
     if arrival == "user-by-user":
@@ -72,7 +120,13 @@ def arrival_order(
         slots = np.repeat(np.arange(users), rounds)
         generator(seed, Stream.ARRIVAL).shuffle(slots)
         return _number_rounds(slots.tolist(), users)
-    raise ValueError(f"arrival must be one of {ARRIVALS}, got {arrival!r}")
+    size = int(arrival[len(COHORTS) :])
+    return (
+        (u, t)
+        for first in range(0, users, size)
+        for t in range(rounds)
+        for u in range(first, min(first + size, users))
+    )
 
 
 def _number_rounds(slots: list[int], users: int) -> Iterator[tuple[int, int]]:
@@ -88,26 +142,53 @@ class _Player(Protocol):
     def play(self, rnd: Round) -> None: ...
 
 
-class _Learner:
-    """A `SimPolicy`: one state per user, a generator per round, learns from its reward."""
+_NEVER_DRAWN = np.random.default_rng(0)
+"""What a policy that declares itself deterministic is handed instead of its generator."""
 
-    def __init__(self, policy: SimPolicy[Any], seed: int, regret: Array) -> None:
+
+class _Learner:
+    """A `SimPolicy` on one seed: one state per user, the seed's population, a generator
+    per round; learns from the rewards the app would send."""
+
+    def __init__(
+        self,
+        policy: SimPolicy[Any, Any],
+        seed: int,
+        regret: Array,
+        refresh_every: int,
+        ignored: Ignored,
+    ) -> None:
         self._policy = policy
         self._seed = seed
         self._salt = salt(policy.name)
+        self._draws = not getattr(policy, "deterministic", False)
         self._regret = regret  # shape (users, rounds), written in place
         self._states: list[Any] = [policy.initial_state() for _ in range(regret.shape[0])]
+        self._population: Any = policy.initial_population()
+        self._refresh_every = refresh_every
+        self._learn_ignored = ignored == "zero"
+        self._learned = 0
 
     def play(self, rnd: Round) -> None:
         policy = self._policy
-        rng = generator(self._seed, Stream.POLICY, rnd.user, rnd.index, self._salt)
+        if self._draws:
+            rng = generator(self._seed, Stream.POLICY, rnd.user, rnd.index, self._salt)
+        else:
+            rng = _NEVER_DRAWN
         state = self._states[rnd.user]
-        chosen = policy.choose(state, rnd.candidates, rnd.context, rng)
+        chosen = policy.choose(state, self._population, rnd.candidates, rnd.context, rng)
         if not 0 <= chosen < len(rnd.candidates):
             raise ValueError(f"{policy.name} chose {chosen!r} of {len(rnd.candidates)} candidates")
-        reward = rnd.reward(chosen)
-        self._states[rnd.user] = policy.update(state, rnd.candidates[chosen], rnd.context, reward)
         self._regret[rnd.user, rnd.index] = rnd.regret(chosen)
+        if rnd.ignored and not self._learn_ignored:
+            return  # no reward arrives: nothing to learn, for the user or the population
+        reward = rnd.reward(chosen)
+        shown = rnd.candidates[chosen]
+        self._states[rnd.user] = policy.update(state, shown, rnd.context, reward)
+        self._population = policy.pool(self._population, shown, rnd.context, reward)
+        self._learned += 1
+        if self._learned % self._refresh_every == 0:
+            self._population = policy.refresh(self._population)
 
 
 class _Cheat:
@@ -122,24 +203,32 @@ class _Cheat:
         self._regret[rnd.user, rnd.index] = rnd.regret(chosen)
 
 
-def _player(policy: SimPolicy[Any] | Oracle, seed: int, regret: Array) -> _Player:
+def _player(
+    policy: AnyPolicy, seed: int, regret: Array, refresh_every: int, ignored: Ignored
+) -> _Player:
     if isinstance(policy, Oracle):
         return _Cheat(policy, regret)
-    return _Learner(policy, seed, regret)
+    return _Learner(policy, seed, regret, refresh_every, ignored)
 
 
 def run(
     scenario: Scenario,
-    policies: Sequence[SimPolicy[Any] | Oracle],
+    policies: Sequence[AnyPolicy],
     seeds: Sequence[int],
     *,
     arrival: Arrival = "round-robin",
     baseline: str | None = None,
     cold_start_rounds: int = COLD_START_ROUNDS,
+    refresh_every: int = REFRESH_EVERY,
+    ignored: Ignored = "no-reward",
 ) -> RunResult:
     """Every policy on every seed of `scenario`, on the same draws.
 
-    baseline: the policy the summary compares every policy with (default: the first).
+    arrival:       the order users play their rounds in (module docstring).
+    baseline:      the policy the summary compares every policy with (default: the first).
+    refresh_every: learned rewards, over all of a seed's users, between two refreshes of
+                   the population's prior (1: after every reward).
+    ignored:       "no-reward" (learn nothing from an ignored tip) or "zero" (learn 0).
     """
     names = tuple(p.name for p in policies)
     if not names:
@@ -151,8 +240,11 @@ def run(
         raise ValueError("no seeds")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct (the SEs treat them as independent), got {seeds}")
-    if arrival not in ARRIVALS:
-        raise ValueError(f"arrival must be one of {ARRIVALS}, got {arrival!r}")
+    arrival = check_arrival(arrival)
+    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+        raise ValueError(f"refresh_every must be an int >= 1, got {refresh_every!r}")
+    if ignored not in IGNORED:
+        raise ValueError(f"ignored must be one of {', '.join(IGNORED)}, got {ignored!r}")
     baseline = names[0] if baseline is None else baseline
     if baseline not in names:
         raise ValueError(f"baseline {baseline!r} is not one of {names}")
@@ -161,7 +253,8 @@ def run(
     instant = {name: np.zeros(shape) for name in names}
     for i, seed in enumerate(seeds):
         sim = Simulator.create(scenario, seed)
-        players = [_player(p, seed, instant[p.name][i]) for p in policies]
+        # New players, so new per-user states and a new, empty population, every seed.
+        players = [_player(p, seed, instant[p.name][i], refresh_every, ignored) for p in policies]
         for user, t in arrival_order(arrival, scenario.users, scenario.rounds, seed):
             rnd = sim.round(user, t)
             for player in players:
@@ -176,7 +269,10 @@ def run(
         scenario=scenario,
         seeds=seeds,
         arrival=arrival,
+        refresh_every=refresh_every,
+        ignored=ignored,
         policies=names,
+        settings=MappingProxyType({p.name: MappingProxyType(settings_of(p)) for p in policies}),
         instant=MappingProxyType(instant),
         cumulative=MappingProxyType(cumulative),
         summary=summarize(instant, baseline, cold_start_rounds),

