@@ -7,9 +7,10 @@ from typing import Any
 
 Cells = dict[tuple[str, str, int, int], dict[str, Any]]
 
-CONTENDERS = ("sqlite", "postgres", "prototype", "before")
+CONTENDERS = ("sqlite", "sqlite-v2", "postgres", "prototype", "before")
 LABEL = {
     "sqlite": "ours, SQLite",
+    "sqlite-v2": "ours, SQLite, linucb-v2",
     "postgres": "ours, PostgreSQL",
     "prototype": "prototype",
     "before": "ours before, SQLite",

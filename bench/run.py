@@ -5,7 +5,8 @@ Everything runs on this machine, load generator included, on loopback only:
 1. HTTP load with wrk: POST /score (10 candidates, 1,000 users), POST /reward, GET /health,
    at concurrency 1, 16 and 64, with 1 and 2 workers, on SQLite and PostgreSQL, and the
    prototype (../shared/seed/seed_app.py, in its own venv under bench/.prototype) when it is
-   there. Every cell runs every contender in turn, after a warm-up, so drift hits all alike.
+   there; /score also with ours serving linucb-v2 on SQLite. Every cell runs every
+   contender in turn, after a warm-up, so drift hits all alike.
 2. Core micro-benchmarks: choosing among 10 and 100 candidates, one update; ours and the
    prototype's formula (a matrix inverse per call).
 3. Scale: stores pre-filled with 100,000 users (and 1,000,000 on SQLite): /score latency
@@ -66,6 +67,7 @@ PG_DSN = os.environ.get("OO_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.
 CONCURRENCY = (1, 16, 64)
 WORKERS = (1, 2)
 ENDPOINTS = ("score", "reward", "health")
+V2 = "sqlite-v2"  # ours on SQLite serving linucb-v2: measured on /score only, next to linucb-v1
 
 
 def log(msg: str) -> None:
@@ -214,11 +216,12 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def ours(name: str, database: str, workers: int) -> Server:
+def ours(name: str, database: str, workers: int, policy: str | None = None) -> Server:
+    policy_env = {"OO_POLICY": policy} if policy else {}
     return Server(
         name,
         [str(OURS), "serve", "--port", "{port}", "--workers", str(workers), "--database", database],
-        env={"OO_ACCESS_LOG": "false", "OO_LOG_LEVEL": "warning"},
+        env={"OO_ACCESS_LOG": "false", "OO_LOG_LEVEL": "warning", **policy_env},
     )
 
 
@@ -466,7 +469,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, maybe_postgres(pg_admin) as pg_url:
         for workers in WORKERS:
-            servers = [ours("sqlite", f"sqlite:///{tmp}/w{workers}.db", workers)]
+            servers = [
+                ours("sqlite", f"sqlite:///{tmp}/w{workers}.db", workers),
+                ours(V2, f"sqlite:///{tmp}/w{workers}-v2.db", workers, policy="linucb-v2"),
+            ]
             if pg_url:
                 servers.append(ours("postgres", pg_url, workers))
             if proto_python:
@@ -482,6 +488,8 @@ def main() -> None:
                         order = servers[turn:] + servers[:turn]
                         for s in order:
                             if s.name == "before" and endpoint == "health":
+                                continue
+                            if s.name == V2 and endpoint != "score":
                                 continue
                             log(f"{s.name:9} {endpoint:6} workers={workers} c={c}")
                             cells[(s.name, endpoint, workers, c)] = measure(s, endpoint, c)
