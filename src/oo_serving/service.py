@@ -306,7 +306,7 @@ class Service:
             return Stats(
                 user_id, 0, 0, 0.0, 0.0, serving.name, serving.feature_names, _floats(initial), None
             )
-        policy, theta = self.model_theta(user)
+        policy, _, theta = self.stored_model(user)
         mean = user.cumulative_reward / user.reward_count if user.reward_count else 0.0
         return Stats(
             user_id=user_id,
@@ -320,17 +320,18 @@ class Service:
             last_updated_ms=user.last_updated_ms,
         )
 
-    def model_theta(self, user: UserRecord) -> tuple[Policy | None, Vector | None]:
-        """The policy that learned a stored model (None if this release does not know it)
-        and the weights it estimates for the user (None if the state does not decode)."""
+    def stored_model(self, user: UserRecord) -> tuple[Policy | None, Any, Vector | None]:
+        """The policy that learned a stored model (None if this release does not know it),
+        the decoded state and the weights it estimates for the user (both None if the
+        state does not decode)."""
         policy = self._known(user.policy)
         if policy is None:
-            return None, None
+            return None, None, None
         try:
             state = policy.decode(user.state, user.state_version)
         except ValueError:
-            return policy, None
-        return policy, policy.theta(state, self.population.prior(policy.name))
+            return policy, None, None
+        return policy, state, policy.theta(state, self.population.prior(policy.name))
 
     async def history(self, user_id: str) -> list[HistoryEntry]:
         return await self.store.history(user_id, self.history_size)

@@ -26,10 +26,9 @@ def model_json(service: Service, user: UserRecord | None) -> dict[str, Any] | No
     or a state that does not decode, is exported with empty theta and state."""
     if user is None:
         return None
-    policy, theta = service.model_theta(user)
+    policy, decoded, theta = service.stored_model(user)
     state: dict[str, Any] = {}
-    if policy is not None and theta is not None:
-        decoded = policy.decode(user.state, user.state_version)
+    if policy is not None and decoded is not None:
         state = {name: a.tolist() for name, a in policy.arrays(decoded).items()}
     return {
         "policy": user.policy,
