@@ -9,6 +9,7 @@ command runs as an operator runs it: a subprocess, judged by exit code and outpu
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import sqlite3
@@ -30,6 +31,8 @@ from tests.support import oo_serving
 
 from oo_serving.assignment import Assignment
 from oo_serving.check import KINDS, MAX_EXAMPLES, CheckReport, check_decision, check_model
+from oo_serving.core import registry
+from oo_serving.core.exploration import Exploration
 from oo_serving.core.features import D, TaskFeatures, feature_matrix
 from oo_serving.core.linucb import SYMMETRY_RTOL, LinUCBState
 from oo_serving.core.linucb_v2 import V2_D, LinUCBV2State
@@ -305,6 +308,97 @@ DAMAGE: dict[str, tuple[Callable[[Database], None], str]] = {
         ),
         "decision_bad_reward",
     ),
+    "candidate_p not summing to 1": (
+        lambda db: db.execute(
+            "UPDATE decision SET candidate_p = ? WHERE user_id = ? AND seq = 3",
+            (np.array([0.5, 0.2, 0.2]).tobytes(), VICTIM),
+        ),
+        "decision_bad_probabilities",
+    ),
+    "candidate_p of another n": (
+        lambda db: db.execute(
+            "UPDATE decision SET candidate_p = ? WHERE user_id = ? AND seq = 3",
+            (np.array([0.5, 0.5]).tobytes(), VICTIM),
+        ),
+        "decision_bad_probabilities",
+    ),
+    "a propensity that is not candidate_p at the tip": (
+        # Still in (0, 1]: only candidate_p says it is not what was logged.
+        lambda db: db.execute(
+            "UPDATE decision SET propensity = 0.5 WHERE user_id = ? AND seq = 3", (VICTIM,)
+        ),
+        "decision_bad_probabilities",
+    ),
+    "greedy not the likeliest candidate": (
+        lambda db: db.execute(
+            "UPDATE decision SET greedy = CASE WHEN greedy = 0 THEN 1 ELSE 0 END"
+            " WHERE user_id = ? AND seq = 3",
+            (VICTIM,),
+        ),
+        "decision_bad_probabilities",
+    ),
+    "greedy out of range": (
+        lambda db: db.execute(
+            "UPDATE decision SET greedy = 3 WHERE user_id = ? AND seq = 3", (VICTIM,)
+        ),
+        "decision_bad_probabilities",
+    ),
+    "a shadow choice out of range": (
+        lambda db: db.execute(
+            "UPDATE decision SET shadow = ? WHERE user_id = ? AND seq = 3",
+            (
+                '{"linucb-v2": 3}' if db.backend == "sqlite" else Jsonb({"linucb-v2": 3}),
+                VICTIM,
+            ),
+        ),
+        "decision_bad_probabilities",
+    ),
+    "a shadow that is not an object": (
+        lambda db: db.execute(
+            "UPDATE decision SET shadow = ? WHERE user_id = ? AND seq = 3",
+            ("[0]" if db.backend == "sqlite" else Jsonb([0]), VICTIM),
+        ),
+        "decision_bad_probabilities",
+    ),
+    "a reward with reward_n 0": (
+        lambda db: db.execute(
+            "UPDATE decision SET reward_n = 0 WHERE user_id = ? AND seq = 2", (VICTIM,)
+        ),
+        "decision_bad_reward",
+    ),
+    "a negative reward_n": (
+        lambda db: db.execute(
+            "UPDATE decision SET reward_n = -1 WHERE user_id = ? AND seq = 2", (VICTIM,)
+        ),
+        "decision_bad_reward",
+    ),
+    "rewards counted and learned without a reward": (
+        lambda db: db.execute(
+            "UPDATE decision SET reward = NULL, rewarded_ms = NULL, reward_source = NULL"
+            " WHERE user_id = ? AND seq = 2",
+            (VICTIM,),
+        ),
+        "decision_bad_reward",
+    ),
+    "a reward without its source": (
+        lambda db: db.execute(
+            "UPDATE decision SET reward_source = NULL WHERE user_id = ? AND seq = 2", (VICTIM,)
+        ),
+        "decision_bad_reward",
+    ),
+    "an unknown reward source": (
+        lambda db: db.execute(
+            "UPDATE decision SET reward_source = 'server' WHERE user_id = ? AND seq = 2",
+            (VICTIM,),
+        ),
+        "decision_bad_reward",
+    ),
+    "learned without learned_at": (
+        lambda db: db.execute(
+            "UPDATE decision SET learned_at = NULL WHERE user_id = ? AND seq = 2", (VICTIM,)
+        ),
+        "decision_bad_reward",
+    ),
 }
 
 
@@ -354,6 +448,155 @@ def test_duplicate_event_ids_are_reported(database: Database) -> None:
         f"violation decision_duplicate_event_id: 2 decisions (decisions sharing their user's"
         f" event_id); users: {VICTIM}"
     )
+
+
+def test_summed_rewards_are_bounded_by_their_count(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under OO_REWARD_AGGREGATION=sum a decision keeps the sum of its rewards, and a user's
+    total may pass its reward_count: a violation only under the other rules."""
+    database.execute(
+        "UPDATE decision SET reward = 2.0, reward_n = 2 WHERE user_id = ? AND seq = 2", (VICTIM,)
+    )
+    database.execute(
+        "UPDATE user_model SET cumulative_reward = reward_count + 1 WHERE user_id = ?", (VICTIM,)
+    )
+    done = oo_check(database.url)
+    assert done.returncode == 1, done.stdout + done.stderr
+    reward_line = violation_line(done.stdout, "decision_bad_reward")
+    assert reward_line.startswith(
+        "violation decision_bad_reward: 1 decision (seq 2: reward is 2.0)"
+    )
+    assert reward_line.endswith(f"users: {VICTIM}")
+    assert VICTIM in violation_line(done.stdout, "model_reward_out_of_bounds")
+
+    monkeypatch.setenv("OO_REWARD_AGGREGATION", "sum")
+    done = oo_check(database.url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "skipped cumulative_reward_bound: rewards are summed" in done.stdout
+    assert "|reward| <= max(1, reward_n) (rewards summed)" in done.stdout
+
+    # More than its count allows is a violation under sum too.
+    database.execute("UPDATE decision SET reward = 2.5 WHERE user_id = ? AND seq = 2", (VICTIM,))
+    dialect = consistency.SQLITE if database.backend == "sqlite" else consistency.POSTGRES
+    for summed in (True, False):
+        report = CheckReport(database.backend, "test")
+        for fetch in _fetch_for(database):
+            asyncio.run(consistency.scan(report, fetch, dialect, summed_rewards=summed))
+        assert report.violations["decision_bad_reward"].examples == [VICTIM]
+        assert ("model_reward_out_of_bounds" in report.violations) is not summed
+        assert report.summed_rewards is summed
+
+
+def test_the_store_checks_summed_rewards_when_told(database: Database) -> None:
+    database.execute(
+        "UPDATE decision SET reward = -2.0, reward_n = 3 WHERE user_id = ? AND seq = 3", (VICTIM,)
+    )
+
+    async def check(summed: bool) -> CheckReport:
+        store = open_store(Settings(database_url=database.url))
+        await store.open(migrate=False)
+        try:
+            return await store.check(summed_rewards=summed)
+        finally:
+            await store.close()
+
+    assert asyncio.run(check(True)).violations == {}
+    flagged = asyncio.run(check(False)).violations
+    assert set(flagged) == {"decision_bad_reward"}
+    assert flagged["decision_bad_reward"].examples == [VICTIM]
+
+
+def test_rows_logged_before_the_log_kept_probabilities_are_sound(database: Database) -> None:
+    """What migration 0004 made of a rewarded row: no candidate_p, greedy, shadow or
+    learned_at, one reward from the client, learned."""
+    database.execute(
+        "UPDATE decision SET candidate_p = NULL, greedy = NULL, shadow = NULL,"
+        " learned_at = NULL, reward_n = 1, reward_source = 'client' WHERE reward IS NOT NULL"
+    )
+    database.execute(
+        "UPDATE decision SET candidate_p = NULL, greedy = NULL, shadow = NULL WHERE reward IS NULL"
+    )
+    done = oo_check(database.url)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def write_with_exploration(url: str, aggregation: str) -> None:
+    """Users served by the real Service with exploration (ε = 0.2) and a shadow policy,
+    rewarded every way a decision's reward columns change: repeated rewards kept under
+    `aggregation`, rewards after the window (not learned), the sweep's default reward,
+    and decisions never rewarded. Event ids and the clock are fixed, so which decisions
+    explore is too."""
+    counter = itertools.count()
+    now = [1_700_000_000_000]
+    store = open_store(Settings(database_url=url))
+    await store.open()
+    try:
+        service = Service(
+            store,
+            exploration=Exploration(0.2),
+            shadows=[registry.make("linucb-v2")],
+            clock_ms=lambda: now[0],
+            event_ids=lambda: f"event-{next(counter):04d}",
+            reward_wait_ms=60_000,
+            aggregation=aggregation,
+            decision_log_per_user=100,
+        )
+        for round_ in range(12):
+            for i, user in enumerate(USERS):
+                scored = await service.score(user, CANDIDATES, {"hour_of_day": round_})
+                now[0] += 1_000
+                kind = (i + round_) % 5
+                if kind == 4:
+                    continue  # the sweep's, below
+                reward = (1.0, 0.5, -1.0, 1.0)[kind]
+                await service.reward(user, scored.tip_id, reward, None, scored.event_id)
+                if kind in (0, 3):  # a repeat: kept under the aggregation rule
+                    await service.reward(user, None, reward, None, scored.event_id)
+                if kind == 3:  # and one after the window
+                    now[0] += 120_000
+                    await service.reward(user, None, 1.0, None, scored.event_id)
+        late = await service.score("late", CANDIDATES)
+        now[0] += 120_000
+        await service.reward("late", late.tip_id, -0.5, None, late.event_id)  # never learned
+        await service.score("unrewarded", CANDIDATES)
+        await service.sweep_default_rewards(0.0, until_ms=now[0] - 1)
+        await service.population.flush()
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("aggregation", ["first", "sum"])
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_an_exploring_log_with_shadows_checks_clean(
+    backend: str,
+    aggregation: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path}/oo.db"
+    else:
+        url = request.getfixturevalue("fresh_postgres_url")
+    asyncio.run(write_with_exploration(url, aggregation))
+    db = Database(backend, url)
+    # The log holds what the rules read: every decision with its probabilities and the
+    # shadow's choice, some explored, rewards repeated, not learned, from the sweep, and
+    # (summed) past 1.
+    assert len(set(db.one(
+        "SELECT count(*), count(candidate_p), count(greedy), count(shadow) FROM decision"
+    ))) == 1  # fmt: skip
+    assert db.one("SELECT count(*) FROM decision WHERE propensity < 0.5")[0] > 0  # explored
+    assert db.one("SELECT count(*) FROM decision WHERE NOT learned AND reward IS NOT NULL")[0] > 0
+    assert db.one("SELECT count(*) FROM decision WHERE reward_source = 'default'")[0] > 0
+    assert db.one("SELECT count(*) FROM decision WHERE reward_n > 2")[0] > 0
+    assert db.one("SELECT count(*) FROM decision WHERE reward IS NULL")[0] > 0
+    assert db.one("SELECT max(reward) FROM decision") == (2.0 if aggregation == "sum" else 1.0,)
+    monkeypatch.setenv("OO_REWARD_AGGREGATION", aggregation)
+    done = oo_check(url)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1].startswith("oo-serving check: OK, no violations")
 
 
 def test_the_json_report_names_kinds_counts_and_users(database: Database) -> None:
@@ -459,7 +702,7 @@ def test_a_schema_that_is_not_current_is_refused_and_left_as_it_is(
         assert db.one("SELECT max(version) FROM oo_schema_version") == (latest - 1,)
     assert db.one("SELECT count(*) FROM user_model") == (0,)
     with pytest.raises((sqlite3.OperationalError, psycopg.errors.UndefinedTable)):
-        db.one("SELECT count(*) FROM pooled")  # the latest migration's table is not there
+        db.one("SELECT count(*) FROM sweep_mark")  # the latest migration's table is not there
     assert oo_serving("migrate", "--database", url).returncode == 0
     assert oo_check(url).returncode == 0
 
@@ -560,9 +803,11 @@ def test_pages_cover_every_row_once(database: Database) -> None:
     assert set(report.violations) == {
         "model_negative_count",
         "decision_bad_propensity",
+        "decision_bad_probabilities",  # a propensity of 2 is not candidate_p at the tip
         "decision_seq_out_of_range",
     }
     assert report.violations["decision_bad_propensity"].count == 3
+    assert report.violations["decision_bad_probabilities"].count == 3
     assert report.violations["decision_bad_propensity"].examples == ["user_c"]
     assert report.violations["decision_seq_out_of_range"].count == 3
 
@@ -647,7 +892,7 @@ def test_the_policies_rules_are_kinds_of_the_report() -> None:
     ],
 )  # fmt: skip
 def test_model_rules(values: dict[str, Any], kind: str) -> None:
-    row = {
+    row: dict[str, Any] = {
         "policy": "linucb-v1", "state": _v1(), "state_version": 1,
         "pulls": 1, "reward_count": 1, "cumulative_reward": 1.0,
     }  # fmt: skip
@@ -655,6 +900,27 @@ def test_model_rules(values: dict[str, Any], kind: str) -> None:
     assert kind in _kinds(check_model(**{**row, **values}))
     memoryview_row = {**row, "state": memoryview(_v1())}  # what a driver may hand out
     assert check_model(**memoryview_row) == []
+
+
+_UNREWARDED: dict[str, Any] = {
+    "reward": None, "rewarded_ms": None, "reward_n": 0, "learned": False, "learned_at": None,
+    "reward_source": None,
+}  # fmt: skip
+
+
+def _decision_row() -> dict[str, Any]:
+    """A sound decision of linucb-v1 between "a" and "b", logged under epsilon 0.2 (the
+    policy chose "b", shown), with a shadow policy, rewarded once and learned."""
+    tasks = [c.features for c in CANDIDATES[:2]]
+    X = feature_matrix(tasks)
+    return {
+        "policy": "linucb-v1", "tip_id": "b", "features": {"hour_of_day": 6},
+        "x": _f64(X[1]), "score": 1.5, "propensity": 0.9, "candidate_ids": ["a", "b"],
+        "candidate_x": _f64(X), "candidate_features": _f64(np.array(tasks, dtype=float)),
+        "context": {"hour_of_day": 6, "day_of_week": 0}, "reward": -1.0, "rewarded_ms": 7,
+        "candidate_p": _f64(np.array([0.1, 0.9])), "greedy": 1, "shadow": {"linucb-v2": 0},
+        "reward_n": 1, "learned": True, "learned_at": 3, "reward_source": "client",
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -680,20 +946,104 @@ def test_model_rules(values: dict[str, Any], kind: str) -> None:
         ({"reward": 0.5, "rewarded_ms": None}, "decision_bad_reward"),
         ({"reward": None, "rewarded_ms": 5}, "decision_bad_reward"),
         ({"reward": math.nan}, "decision_bad_reward"),
+        ({"reward": 1.5}, "decision_bad_reward"),
+        ({"candidate_p": _f64(np.array([0.2, 0.9]))}, "decision_bad_probabilities"),
+        ({"candidate_p": _f64(np.array([0.1, 0.9, 0.0]))}, "decision_bad_probabilities"),
+        ({"candidate_p": _f64(np.array([-0.1, 1.1]))}, "decision_bad_probabilities"),
+        ({"candidate_p": _f64(np.array([math.nan, 0.9]))}, "decision_bad_probabilities"),
+        ({"candidate_p": "text"}, "decision_bad_probabilities"),
+        ({"propensity": 0.8}, "decision_bad_probabilities"),  # candidate_p[1] is 0.9
+        ({"propensity": 0.9 + 1e-11}, "decision_bad_probabilities"),
+        ({"greedy": 0}, "decision_bad_probabilities"),  # 0.1 < 0.9
+        ({"greedy": 2}, "decision_bad_probabilities"),
+        ({"greedy": -1}, "decision_bad_probabilities"),
+        ({"greedy": "1"}, "decision_bad_probabilities"),
+        ({"greedy": True}, "decision_bad_probabilities"),
+        ({"shadow": {"linucb-v2": 2}}, "decision_bad_probabilities"),
+        ({"shadow": {"linucb-v2": "0"}}, "decision_bad_probabilities"),
+        ({"shadow": {"linucb-v2": 1.0}}, "decision_bad_probabilities"),
+        ({"shadow": [0]}, "decision_bad_probabilities"),
+        ({"reward_n": -1}, "decision_bad_reward"),
+        ({"reward_n": 0}, "decision_bad_reward"),
+        ({"reward_n": "1"}, "decision_bad_reward"),
+        ({"reward_n": None}, "decision_bad_reward"),
+        (_UNREWARDED | {"reward_n": 1}, "decision_bad_reward"),
+        (_UNREWARDED | {"learned": True}, "decision_bad_reward"),
+        (_UNREWARDED | {"reward_source": "client"}, "decision_bad_reward"),
+        ({"reward_source": None}, "decision_bad_reward"),
+        ({"reward_source": "server"}, "decision_bad_reward"),
+        ({"learned_at": None}, "decision_bad_reward"),
+        ({"learned_at": 2.5}, "decision_bad_reward"),
+        ({"learned": 2}, "decision_bad_reward"),
+        ({"learned": None}, "decision_bad_reward"),
     ],
 )
 def test_decision_rules(values: dict[str, Any], kind: str) -> None:
-    tasks = [c.features for c in CANDIDATES[:2]]
-    X = feature_matrix(tasks)
-    row = {
-        "policy": "linucb-v1", "tip_id": "b", "features": {"hour_of_day": 6},
-        "x": _f64(X[1]), "score": 1.5, "propensity": 1.0, "candidate_ids": ["a", "b"],
-        "candidate_x": _f64(X), "candidate_features": _f64(np.array(tasks, dtype=float)),
-        "context": {"hour_of_day": 6, "day_of_week": 0}, "reward": -1.0, "rewarded_ms": 7,
-    }  # fmt: skip
+    row = _decision_row()
     assert check_decision(**row) == []
     assert check_decision(**{**row, "candidate_features": None, "context": None}) == []
     assert kind in _kinds(check_decision(**{**row, **values}))
+
+
+def test_sound_decisions_of_every_kind() -> None:
+    row = _decision_row()
+    # As SQLite hands a boolean out; never rewarded; not learned (after the window).
+    assert check_decision(**{**row, "learned": 1}) == []
+    assert check_decision(**{**row, **_UNREWARDED}) == []
+    assert check_decision(**{**row, "learned": False, "learned_at": None}) == []
+    # Explored: the tip is not the policy's choice, its propensity its own small one.
+    explored = {**row, "tip_id": "a", "x": row["candidate_x"][: 8 * D], "propensity": 0.1}
+    assert check_decision(**explored) == []
+    # Without exploration: all the probability on the tip; no shadow policy.
+    greedy_only = {**row, "candidate_p": _f64(np.array([0.0, 1.0])), "propensity": 1.0}
+    assert check_decision(**{**greedy_only, "shadow": None}) == []
+    assert check_decision(**{**greedy_only, "shadow": {}}) == []
+    # Logged before the log kept probabilities (migrated: learned, with no learned_at).
+    before = {"candidate_p": None, "greedy": None, "shadow": None, "learned_at": None}
+    assert check_decision(**{**row, **before, "propensity": 1.0}) == []
+
+
+def test_a_row_counts_once_per_kind() -> None:
+    problems = check_decision(
+        **{**_decision_row(), "reward_n": 0, "reward_source": "x", "learned_at": None,
+           "greedy": 0, "shadow": {"s": 9}}
+    )  # fmt: skip
+    assert sorted(p.kind for p in problems) == [
+        "decision_bad_probabilities",
+        "decision_bad_reward",
+    ]
+    details = {p.kind: p.detail for p in problems}
+    assert details["decision_bad_reward"] == (
+        "reward_source is 'x'; a reward with reward_n 0; learned without learned_at"
+    )
+    assert details["decision_bad_probabilities"].startswith("candidate_p[greedy = 0] is 0.1")
+
+
+def test_summed_rewards_are_bounded_by_reward_n() -> None:
+    row = {**_decision_row(), "reward": 2.0, "reward_n": 2}
+    assert check_decision(**row, summed=True) == []
+    assert _kinds(check_decision(**row)) == {"decision_bad_reward"}
+    assert check_decision(**{**row, "reward": -2.0}, summed=True) == []
+    assert _kinds(check_decision(**{**row, "reward": 2.5}, summed=True)) == {"decision_bad_reward"}
+    assert _kinds(check_decision(**{**row, "reward": math.inf}, summed=True)) == {
+        "decision_bad_reward"
+    }
+    # One reward is in [-1, 1] whatever the rule.
+    assert _kinds(check_decision(**{**row, "reward_n": 1}, summed=True)) == {"decision_bad_reward"}
+    model = ("linucb-v1", _v1(), 1, 3, 3)
+    assert check_model(*model, 5.0, summed=True) == []
+    assert _kinds(check_model(*model, 5.0)) == {"model_reward_out_of_bounds"}
+    assert _kinds(check_model(*model, math.inf, summed=True)) == {"model_not_finite"}
+
+
+def test_the_report_says_what_summed_rewards_are_held_to() -> None:
+    plain = CheckReport("sqlite", "x")
+    summed = CheckReport("sqlite", "x", summed_rewards=True)
+    assert "reward in [-1, 1]" in plain.lines()[2]
+    assert "|cumulative_reward| <= reward_count" in plain.lines()[1]
+    assert "|reward| <= max(1, reward_n) (rewards summed)" in summed.lines()[2]
+    assert "|cumulative_reward|" not in summed.lines()[1]
+    assert KINDS["decision_bad_probabilities"] == "decision"
 
 
 def test_a_linucb_v2_decision_is_held_to_d_11() -> None:
@@ -704,7 +1054,8 @@ def test_a_linucb_v2_decision_is_held_to_d_11() -> None:
         "x": _f64(X[2]), "score": 0.5, "propensity": 1.0,
         "candidate_ids": [c.id for c in CANDIDATES], "candidate_x": _f64(X),
         "candidate_features": _f64(np.array(tasks, dtype=float)), "context": {},
-        "reward": None, "rewarded_ms": None,
+        **_UNREWARDED, "candidate_p": _f64(np.array([0.0, 0.0, 1.0])), "greedy": 2,
+        "shadow": None,
     }  # fmt: skip
     assert check_decision(**row) == []
     v1_x = _f64(feature_matrix(tasks))

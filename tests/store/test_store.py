@@ -41,6 +41,7 @@ from oo_serving.store.base import (
     POOLED_FOLD_AFTER_MS,
     POOLED_MAX_SHARDS,
     DecisionLookup,
+    DecisionMark,
     DecisionRecord,
     DecisionRef,
     HistoryEntry,
@@ -210,9 +211,14 @@ def reward_decision(
     def fn(user: UserRecord | None, ref: DecisionRef | None, _replay: Replay | None) -> RewardWrite:
         assert user is not None
         assert ref is not None
-        return RewardWrite(user, event_id, reward, ts, event_id)
+        return RewardWrite(user, mark(event_id, reward, ts), event_id)
 
     return run(store.reward_tx(user_id, DecisionLookup(tip_id=None, event_id=event_id), fn))
+
+
+def mark(event_id: str, reward: float, ts: int) -> DecisionMark:
+    """The columns of a decision's first reward, learned as the user's first update."""
+    return DecisionMark(event_id, reward, ts, 1, True, 1, "client", reward_n_before=0)
 
 
 def peek(store: Store, user_id: str, lookup: DecisionLookup) -> DecisionRef | None:
@@ -223,7 +229,7 @@ def peek(store: Store, user_id: str, lookup: DecisionLookup) -> DecisionRef | No
         _user: UserRecord | None, ref: DecisionRef | None, _replay: Replay | None
     ) -> RewardWrite:
         seen.append(ref)
-        return RewardWrite(None, None, 0.0, 0, None)
+        return RewardWrite(None, None, None)
 
     run(store.reward_tx(user_id, lookup, look))
     return seen[0]
@@ -569,9 +575,7 @@ def test_export_holds_the_model_and_every_kept_decision_of_that_user_only(store:
             DecisionLookup(tip_id="tip-a", event_id="a-3"),
             lambda user, ref, replay: RewardWrite(
                 make_user("u1", pulls=3, reward_count=1, cumulative_reward=0.5),
-                reward_event="a-3",
-                reward=0.5,
-                ts_ms=9_000,
+                mark=mark("a-3", 0.5, 9_000),
                 matched_event="a-3",
             ),
         )
@@ -758,7 +762,7 @@ def test_reward_tx_passes_the_user_row_and_writes_it(store: Store) -> None:
         user: UserRecord | None, _ref: DecisionRef | None, _replay: Replay | None
     ) -> RewardWrite:
         seen.append(user)
-        return RewardWrite(new_user, "ev-1", 0.5, 9, "ev-1")
+        return RewardWrite(new_user, mark("ev-1", 0.5, 9), "ev-1")
 
     returned = run(store.reward_tx("u1", DecisionLookup(tip_id="tip-a", event_id="ev-1"), fn))
     assert returned.user is new_user
@@ -776,7 +780,7 @@ def test_reward_event_is_marked_only_once(store: Store) -> None:
 
     run(
         store.reward_tx(
-            "u1", lookup, lambda _u, _r, _replay: RewardWrite(None, "ev-1", 0.75, 10, "ev-1")
+            "u1", lookup, lambda _u, _r, _replay: RewardWrite(None, mark("ev-1", 0.75, 10), "ev-1")
         )
     )
     first = peek(store, "u1", lookup)
@@ -784,7 +788,7 @@ def test_reward_event_is_marked_only_once(store: Store) -> None:
     assert first.reward == 0.75
 
     # Asked to mark it again, the store changes no row, so it refuses the whole write.
-    again = RewardWrite(make_user("u1", reward_count=2), "ev-1", -1.0, 20, "ev-1")
+    again = RewardWrite(make_user("u1", reward_count=2), mark("ev-1", -1.0, 20), "ev-1")
     with pytest.raises(StoreUnavailable):
         run(store.reward_tx("u1", lookup, lambda _u, _r, _replay: again))
     assert run(store.get_user("u1")).reward_count == 0  # type: ignore[union-attr]
@@ -864,7 +868,9 @@ def test_reward_fn_that_needs_a_replay_gets_it_with_the_same_decision(store: Sto
         if replay is None:
             raise ReplayNeeded
         assert_write_locked(store, "u1")
-        return RewardWrite(make_user("u1", pulls=5, reward_count=5), "ev-5", 0.75, 300, "ev-5")
+        return RewardWrite(
+            make_user("u1", pulls=5, reward_count=5), mark("ev-5", 0.75, 300), "ev-5"
+        )
 
     run(store.reward_tx("u1", lookup, fn))
 
@@ -1246,7 +1252,9 @@ def test_migration_3_turns_linucb_v1_models_into_their_exact_states(
     if backend == "sqlite":
         path = Path(url.removeprefix("sqlite:///"))
         with closing(sqlite3.connect(path)) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+            assert conn.execute("PRAGMA user_version").fetchone()[0] == len(
+                migrations.load("sqlite")
+            )
             columns = [r[1] for r in conn.execute("PRAGMA table_info(user_model)")]
             assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     else:
@@ -1494,7 +1502,7 @@ def test_service_reward_without_event_id_or_decision_uses_the_request(store: Sto
 
     # A user never scored learns on the request too, and gets a row.
     result = run(service.reward("fresh", "tip-a", 1.0, OTHER_FEATURES))
-    assert result == type(result)(learned=True, event_id=None)
+    assert result == type(result)(learned=True, event_id=None, kept=1.0)
     fresh = run(store.get_user("fresh"))
     assert fresh is not None
     assert (fresh.pulls, fresh.reward_count) == (0, 1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -37,6 +37,8 @@ class UserRecord:
     reward_count: int
     cumulative_reward: float
     last_updated_ms: int
+    shadows: bytes | None = None
+    """The shadow policies' states for the user, encoded by the service (shadow.py)."""
 
 
 RAW_FEATURES = ("hour_of_day", "is_overdue", "task_age_days", "priority")
@@ -55,6 +57,18 @@ class DecisionRecord:
     under `policy`; candidate_X: shape (n, d), every candidate's, same order.
     `features` is the chosen candidate's raw features. `model_version` is the user's
     reward_count at decision time.
+
+    candidate_p: shape (n,), the probability with which each candidate was to be shown
+    (the logging policy, exploration included; sums to 1), so `propensity` is
+    candidate_p[chosen]; None for rows logged before the log kept it (deterministic: 1.0
+    on the chosen candidate). greedy: the index the serving policy itself preferred
+    before exploration (None: not logged). shadow: each shadow policy's choice, by name,
+    as an index into the candidates.
+
+    reward: the value kept under the aggregation rule (OO_REWARD_AGGREGATION); reward_n:
+    how many rewards arrived for the decision; learned: whether `reward` is in the model
+    (False for a reward that came after the reward window); reward_source: "client", or
+    "default" for OO_DEFAULT_REWARD applied by the sweep.
     """
 
     user_id: str
@@ -74,12 +88,19 @@ class DecisionRecord:
     context: dict[str, int]
     reward: float | None = None
     rewarded_ms: int | None = None
+    candidate_p: Vector | None = None
+    greedy: int | None = None
+    shadow: dict[str, int] = field(default_factory=dict)
+    reward_n: int = 0
+    learned: bool = False
+    reward_source: str | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class DecisionRef:
     """What a reward needs of its decision: x (shape (d,)) is the chosen vector under
-    `policy`; `features` the chosen candidate's raw features, for any other policy."""
+    `policy`; `features` the chosen candidate's raw features, for any other policy.
+    reward, reward_n, learned, learned_at: as in DecisionRecord and DecisionMark."""
 
     seq: int
     event_id: str
@@ -88,6 +109,10 @@ class DecisionRef:
     x: Vector
     features: dict[str, int | bool | float]
     reward: float | None
+    ts_ms: int = 0
+    reward_n: int = 0
+    learned: bool = False
+    learned_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -135,6 +160,8 @@ EXPORT_PAGE_ROWS = 16
 # Exports run at once per process; more wait for a slot (within the write deadline).
 # Each holds a snapshot and, on PostgreSQL, a pooled connection for as long as it streams.
 EXPORTS_AT_ONCE = 2
+# Whole-log reads (evaluate, export) fetch this many decisions a page.
+LOG_PAGE_ROWS = 500
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -150,16 +177,29 @@ class ScoreWrite:
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class RewardWrite:
-    """What a /reward writes. `user` None: write nothing (a repeated reward).
+class DecisionMark:
+    """A decision's reward columns after a reward: the kept value, how many rewards
+    arrived, whether the model holds the value and at which of the user's updates it was
+    learned. Written only if the row still has `reward_n_before` rewards; rewarded_ms and
+    reward_source are the first reward's, and stay."""
 
-    `reward_event` names the decision to mark as rewarded, if any.
-    """
+    event_id: str
+    reward: float
+    rewarded_ms: int
+    reward_n: int
+    learned: bool
+    learned_at: int | None
+    reward_source: str
+    reward_n_before: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class RewardWrite:
+    """What a /reward writes: the user's row (None: unchanged), the decision's reward
+    columns (None: no decision, or unchanged)."""
 
     user: UserRecord | None
-    reward_event: str | None
-    reward: float
-    ts_ms: int
+    mark: DecisionMark | None
     matched_event: str | None
 
 
@@ -173,6 +213,9 @@ class DecisionLookup:
 
 
 T = TypeVar("T")
+Keyset = tuple[int, str, int]
+"""A position in the decision log's (ts_ms, user_id, seq) order."""
+KEYSET_START: Keyset = (-(2**63), "", -(2**63))
 Replay = Sequence[LoggedReward]
 """The user's retained decisions that have a reward, in the order they were learned
 (rewarded_ms, then seq)."""
@@ -221,6 +264,25 @@ class Store(Protocol):
         One short transaction: call it until it returns 0 to prune everything.
         """
 
+    def decision_log(
+        self, since_ms: int, until_ms: int, user_ids: Sequence[str] | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[list[DecisionRecord]]]:
+        """Every retained decision with since_ms <= ts_ms < until_ms (of `user_ids` only,
+        if given), ordered by (ts_ms, user_id, seq), in pages of at most LOG_PAGE_ROWS,
+        one snapshot held until the context exits. StoreBusy as for export_user."""
+
+    async def unrewarded(
+        self, since_ms: int, until_ms: int, after: Keyset, limit: int
+    ) -> list[tuple[int, str, int, str]]:
+        """Up to `limit` decisions without a reward, since_ms <= ts_ms < until_ms, after
+        the keyset (ts_ms, user_id, seq), in that order, as (ts_ms, user_id, seq, event_id)."""
+
+    async def sweep_mark(self, name: str) -> int | None:
+        """How far the sweep `name` has gone (a ts_ms), or None if it never ran."""
+
+    async def set_sweep_mark(self, name: str, until_ms: int) -> None:
+        """Advance the sweep `name` to until_ms; never moves it back."""
+
     async def add_pooled(
         self, policy: str, shard: str, count: int, stats: Vector, ts_ms: int
     ) -> None:
@@ -233,24 +295,40 @@ class Store(Protocol):
     async def pooled(self, policy: str) -> Pooled | None:
         """The sum of every pooled row of `policy`; None if there is none."""
 
-    async def check(self) -> CheckReport:
+    async def check(self, *, summed_rewards: bool = False) -> CheckReport:
         """Read every model and decision, in bounded pages and without a write lock, and
-        report each broken invariant (oo_serving.check). Safe while serving."""
+        report each broken invariant (oo_serving.check). Safe while serving.
+        summed_rewards: the rewards were kept under OO_REWARD_AGGREGATION=sum, so a
+        decision's reward is bounded by its reward_n, and a user's total by nothing."""
 
 
 USER_COLUMNS = (
-    "policy, state, state_version, pulls, reward_count, cumulative_reward, last_updated_ms"
+    "policy, state, state_version, pulls, reward_count, cumulative_reward, last_updated_ms, shadows"
 )
-REF_COLUMNS = "seq, event_id, tip_id, policy, x, features, reward"
+REF_COLUMNS = (
+    "seq, event_id, tip_id, policy, x, features, reward, ts_ms, reward_n, learned, learned_at"
+)
 DECISION_COLUMNS = (
     "user_id, seq, event_id, ts_ms, tip_id, features, x, score, policy, propensity,"
     " model_version, candidate_ids, candidate_x, candidate_features, context, reward,"
-    " rewarded_ms"
+    " rewarded_ms, candidate_p, greedy, shadow, reward_n, learned, reward_source"
 )
 REPLAY_SQL = (
-    "SELECT features, reward FROM decision WHERE user_id = ? AND reward IS NOT NULL"
+    "SELECT features, reward FROM decision WHERE user_id = ? AND learned IS TRUE"
     " ORDER BY rewarded_ms, seq"
 )
+MARK_SQL = (
+    "UPDATE decision SET reward = ?, rewarded_ms = coalesce(rewarded_ms, ?), reward_n = ?,"
+    " learned = ?, learned_at = ?, reward_source = coalesce(reward_source, ?)"
+    " WHERE user_id = ? AND event_id = ? AND reward_n = ?"
+)
+"""A DecisionMark (`?`: mark_params). The first reward's time and source stay."""
+UNREWARDED_SQL = (
+    "SELECT ts_ms, user_id, seq, event_id FROM decision"
+    " WHERE ts_ms >= ? AND ts_ms < ? AND reward IS NULL"
+    " AND (ts_ms, user_id, seq) > (?, ?, ?) ORDER BY ts_ms, user_id, seq LIMIT ?"
+)
+"""A page of unrewarded decisions (`?`: since, until, then the keyset after, limit)."""
 """The user's learned rewards in the order they were learned: a Replay (`?`: user_id)."""
 
 
@@ -267,6 +345,7 @@ def user_from_row(user_id: str, row: Sequence[Any] | None) -> UserRecord | None:
         reward_count=row[4],
         cumulative_reward=row[5],
         last_updated_ms=row[6],
+        shadows=None if row[7] is None else bytes(row[7]),
     )
 
 
@@ -274,7 +353,15 @@ def user_params(u: UserRecord) -> tuple[Any, ...]:
     """user_id, then the USER_COLUMNS values, encoded for a database."""
     return (
         u.user_id, u.policy, u.state, u.state_version, u.pulls, u.reward_count,
-        u.cumulative_reward, u.last_updated_ms,
+        u.cumulative_reward, u.last_updated_ms, u.shadows,
+    )  # fmt: skip
+
+
+def mark_params(user_id: str, m: DecisionMark) -> tuple[Any, ...]:
+    """The values of MARK_SQL for a mark of user_id's decision."""
+    return (
+        m.reward, m.rewarded_ms, m.reward_n, m.learned, m.learned_at, m.reward_source,
+        user_id, m.event_id, m.reward_n_before,
     )  # fmt: skip
 
 
@@ -293,7 +380,7 @@ def ref_from_row(row: Sequence[Any] | None, *, json_as_text: bool) -> DecisionRe
     return DecisionRef(
         seq=row[0], event_id=row[1], tip_id=row[2], policy=row[3],
         x=decode_array(row[4], (len(row[4]) // 8,)), features=from_json(row[5], json_as_text),
-        reward=row[6],
+        reward=row[6], ts_ms=row[7], reward_n=row[8], learned=bool(row[9]), learned_at=row[10],
     )  # fmt: skip
 
 
@@ -317,6 +404,9 @@ def decision_from_row(r: Sequence[Any], *, json_as_text: bool) -> DecisionRecord
             None if r[13] is None else decode_array(r[13], (len(ids), len(RAW_FEATURES)))
         ),
         context={} if context is None else context, reward=r[15], rewarded_ms=r[16],
+        candidate_p=None if r[17] is None else decode_array(r[17], (len(ids),)),
+        greedy=r[18], shadow=from_json(r[19], json_as_text) or {}, reward_n=r[20],
+        learned=bool(r[21]), reward_source=r[22],
     )  # fmt: skip
 
 

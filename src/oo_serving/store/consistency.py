@@ -41,8 +41,9 @@ class Dialect:
     """What differs between the backends for these reads.
 
     placeholder: the driver's parameter marker; json_as_text: SQLite keeps `features`,
-    `candidate_ids` and `context` as JSON text, PostgreSQL as jsonb and text[] (decoded
-    by the driver).
+    `candidate_ids`, `context` and `shadow` as JSON text, PostgreSQL as jsonb and text[]
+    (decoded by the driver). `learned` is an integer 0/1 on SQLite, a boolean on
+    PostgreSQL; the rules accept either.
     """
 
     placeholder: str
@@ -60,7 +61,8 @@ _FIRST_MODELS = f"SELECT {_MODEL_COLUMNS} FROM user_model ORDER BY user_id LIMIT
 _NEXT_MODELS = f"SELECT {_MODEL_COLUMNS} FROM user_model WHERE user_id > ? ORDER BY user_id LIMIT ?"
 _DECISION_COLUMNS = (
     "user_id, seq, policy, tip_id, features, x, score, propensity, candidate_ids,"
-    " candidate_x, candidate_features, context, reward, rewarded_ms"
+    " candidate_x, candidate_features, context, reward, rewarded_ms, candidate_p, greedy,"
+    " shadow, reward_n, learned, learned_at, reward_source"
 )
 _FIRST_DECISIONS = f"SELECT {_DECISION_COLUMNS} FROM decision ORDER BY user_id, seq LIMIT ?"
 _NEXT_DECISIONS = (
@@ -118,10 +120,21 @@ async def scan(
     *,
     model_page: int = MODEL_PAGE,
     decision_page: int = DECISION_PAGE,
+    summed_rewards: bool = False,
 ) -> None:
-    """Read every model and decision, and run the cross-table checks, into `report`."""
-    await _scan_models(report, fetch, dialect, model_page)
-    await _scan_decisions(report, fetch, dialect, decision_page)
+    """Read every model and decision, and run the cross-table checks, into `report`.
+
+    summed_rewards: rewards are summed per decision (OO_REWARD_AGGREGATION=sum), so a
+    decision's reward is bounded by its reward_n and a user's total by nothing.
+    """
+    report.summed_rewards = summed_rewards
+    if summed_rewards:
+        report.skipped["cumulative_reward_bound"] = (
+            "rewards are summed (OO_REWARD_AGGREGATION=sum): a user's cumulative_reward"
+            " may exceed reward_count"
+        )
+    await _scan_models(report, fetch, dialect, model_page, summed_rewards)
+    await _scan_decisions(report, fetch, dialect, decision_page, summed_rewards)
     for kind, statement in _AGGREGATES:
         rows = await fetch(dialect.sql(statement), (MAX_EXAMPLES,))
         if rows:
@@ -129,11 +142,15 @@ async def scan(
             report.add(kind, int(rows[0][1]), examples, _AGGREGATE_DETAILS[kind])
 
 
-async def _scan_models(report: CheckReport, fetch: Fetch, dialect: Dialect, page: int) -> None:
+async def _scan_models(
+    report: CheckReport, fetch: Fetch, dialect: Dialect, page: int, summed: bool
+) -> None:
     rows = await fetch(dialect.sql(_FIRST_MODELS), (page,))
     while rows:
         for user_id, policy, state, version, pulls, reward_count, cumulative in rows:
-            problems = check_model(policy, state, version, pulls, reward_count, cumulative)
+            problems = check_model(
+                policy, state, version, pulls, reward_count, cumulative, summed=summed
+            )
             report.record(user_id, problems)
         report.models += len(rows)
         if len(rows) < page:
@@ -141,18 +158,23 @@ async def _scan_models(report: CheckReport, fetch: Fetch, dialect: Dialect, page
         rows = await fetch(dialect.sql(_NEXT_MODELS), (rows[-1][0], page))
 
 
-async def _scan_decisions(report: CheckReport, fetch: Fetch, dialect: Dialect, page: int) -> None:
+async def _scan_decisions(
+    report: CheckReport, fetch: Fetch, dialect: Dialect, page: int, summed: bool
+) -> None:
     rows = await fetch(dialect.sql(_FIRST_DECISIONS), (page,))
     while rows:
         for r in rows:
-            features, candidate_ids, context = r[4], r[8], r[11]
+            features, candidate_ids, context, shadow = r[4], r[8], r[11], r[16]
             if dialect.json_as_text:
                 features, candidate_ids = _json(features), _json(candidate_ids)
                 context = None if context is None else _json(context)
+                shadow = None if shadow is None else _json(shadow)
             problems = check_decision(
                 policy=r[2], tip_id=r[3], features=features, x=r[5], score=r[6],
                 propensity=r[7], candidate_ids=candidate_ids, candidate_x=r[9],
                 candidate_features=r[10], context=context, reward=r[12], rewarded_ms=r[13],
+                candidate_p=r[14], greedy=r[15], shadow=shadow, reward_n=r[17],
+                learned=r[18], learned_at=r[19], reward_source=r[20], summed=summed,
             )  # fmt: skip
             report.record(r[0], problems, f"seq {r[1]}")
         report.decisions += len(rows)

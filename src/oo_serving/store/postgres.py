@@ -38,7 +38,7 @@ connections by itself, so the service recovers when the database returns.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, TypeVar
 
@@ -59,14 +59,18 @@ from oo_serving.store.base import (
     EXPORT_PAGE_ROWS,
     EXPORTS_AT_ONCE,
     FOLDED_SHARD,
+    LOG_PAGE_ROWS,
+    MARK_SQL,
     POOLED_FOLD_AFTER_MS,
     POOLED_MAX_SHARDS,
     REF_COLUMNS,
     REPLAY_SQL,
+    UNREWARDED_SQL,
     USER_COLUMNS,
     DecisionLookup,
     DecisionRecord,
     HistoryEntry,
+    Keyset,
     LoggedReward,
     ReplayNeeded,
     RewardFn,
@@ -80,6 +84,7 @@ from oo_serving.store.base import (
     decision_from_row,
     encode_array,
     encode_optional,
+    mark_params,
     pooled_stats,
     ref_from_row,
     refuse_newer,
@@ -101,25 +106,26 @@ _LOCK_USER = f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = %s FOR UPDA
 _UPDATE_USER = """
 WITH changed AS (
     UPDATE user_model SET policy = %s, state = %s, state_version = %s, pulls = %s,
-        reward_count = %s, cumulative_reward = %s, last_updated_ms = %s
+        reward_count = %s, cumulative_reward = %s, last_updated_ms = %s, shadows = %s
     WHERE user_id = %s
     RETURNING 1
 )
 SELECT 1 / count(*) FROM changed
 """
-_MARK_REWARDED = """
-WITH changed AS (
-    UPDATE decision SET reward = %s, rewarded_ms = %s
-    WHERE user_id = %s AND event_id = %s AND reward IS NULL
-    RETURNING 1
-)
+_MARK_REWARDED = f"""
+WITH changed AS ({MARK_SQL.replace("?", "%s")} RETURNING 1)
 SELECT 1 / count(*) FROM changed
+"""
+_UNREWARDED = UNREWARDED_SQL.replace("?", "%s")
+_SET_SWEEP_MARK = """
+INSERT INTO sweep_mark (name, until_ms) VALUES (%s, %s)
+ON CONFLICT (name) DO UPDATE SET until_ms = greatest(sweep_mark.until_ms, excluded.until_ms)
 """
 _INSERT_DECISION = """
 INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score, policy,
                       propensity, model_version, candidate_ids, candidate_x,
-                      candidate_features, context)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                      candidate_features, context, candidate_p, greedy, shadow)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 """
 _REPLAY = REPLAY_SQL.replace("?", "%s")
 # A pooled row is made (empty: count 0, stats zero) before it is locked, as a user's is.
@@ -302,7 +308,9 @@ class PostgresStore:
                     (d.user_id, d.seq, d.event_id, d.ts_ms, d.tip_id, Jsonb(d.features),
                      encode_array(d.x), d.score, d.policy, d.propensity, d.model_version,
                      list(d.candidate_ids), encode_array(d.candidate_X),
-                     encode_optional(d.candidate_features), Jsonb(d.context)),
+                     encode_optional(d.candidate_features), Jsonb(d.context),
+                     encode_optional(d.candidate_p), d.greedy,
+                     Jsonb(d.shadow) if d.shadow else None),
                 )  # fmt: skip
                 await conn.execute(
                     "DELETE FROM decision WHERE user_id = %s AND seq < %s",
@@ -328,16 +336,14 @@ class PostgresStore:
                 write = fn(user, ref, None)
             except ReplayNeeded:
                 write = fn(user, ref, await _load_replay(conn, user_id))
-            if write.user is None and write.reward_event is None:
+            if write.user is None and write.mark is None:
                 await conn.execute("ROLLBACK")  # nothing to write, not even the row made above
                 return write
             async with conn.pipeline():
                 if write.user is not None:
                     await conn.execute(_UPDATE_USER, _update_params(write.user))
-                if write.reward_event is not None:
-                    await conn.execute(
-                        _MARK_REWARDED, (write.reward, write.ts_ms, user_id, write.reward_event)
-                    )
+                if write.mark is not None:
+                    await conn.execute(_MARK_REWARDED, mark_params(user_id, write.mark))
                 await conn.execute("COMMIT")
             return write
 
@@ -467,6 +473,69 @@ class PostgresStore:
                         await conn.execute("ROLLBACK")
                 await conn_cm.__aexit__(None, None, None)
 
+    @asynccontextmanager
+    async def decision_log(
+        self, since_ms: int, until_ms: int, user_ids: Sequence[str] | None = None
+    ) -> AsyncIterator[AsyncIterator[list[DecisionRecord]]]:
+        # As export_user: one snapshot read through a server-side cursor, a page at a time.
+        async with self._exports.slot():
+            async with self._bounded():
+                conn_cm = self._pool.connection()
+                conn = await conn_cm.__aenter__()
+            rows = conn.cursor(name="oo_decision_log")
+            try:
+                where = "ts_ms >= %s AND ts_ms < %s"
+                params: list[Any] = [since_ms, until_ms]
+                if user_ids is not None:
+                    where += " AND user_id = ANY(%s)"
+                    params.append(sorted(set(user_ids)))
+                async with self._bounded():
+                    await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    await rows.execute(
+                        f"SELECT {DECISION_COLUMNS} FROM decision WHERE {where}"
+                        " ORDER BY ts_ms, user_id, seq",
+                        params,
+                    )
+
+                async def pages() -> AsyncIterator[list[DecisionRecord]]:
+                    while True:
+                        async with self._bounded():
+                            batch = await rows.fetchmany(LOG_PAGE_ROWS)
+                        if not batch:
+                            return
+                        yield [decision_from_row(r, json_as_text=False) for r in batch]
+
+                yield pages()
+            finally:
+                with suppress(Exception):  # the pool discards a connection left in error
+                    await rows.close()
+                    if not conn.broken:
+                        await conn.execute("ROLLBACK")
+                await conn_cm.__aexit__(None, None, None)
+
+    async def unrewarded(
+        self, since_ms: int, until_ms: int, after: Keyset, limit: int
+    ) -> list[tuple[int, str, int, str]]:
+        async def query(conn: Conn) -> list[tuple[int, str, int, str]]:
+            cur = await conn.execute(_UNREWARDED, (since_ms, until_ms, *after, limit))
+            return [(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()]
+
+        return await self._run(query)
+
+    async def sweep_mark(self, name: str) -> int | None:
+        async def query(conn: Conn) -> int | None:
+            cur = await conn.execute("SELECT until_ms FROM sweep_mark WHERE name = %s", (name,))
+            row = await cur.fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._run(query)
+
+    async def set_sweep_mark(self, name: str, until_ms: int) -> None:
+        async def write(conn: Conn) -> None:
+            await conn.execute(_SET_SWEEP_MARK, (name, until_ms))
+
+        await self._run(write)
+
     # ── plumbing ─────────────────────────────────────────────────────────────
     async def _user_write(self, user_id: str, body: Callable[[Conn], Awaitable[T]]) -> T:
         """Run a write of user_id's: its turn in this process, then the transaction, all
@@ -532,12 +601,13 @@ class PostgresStore:
         return await self._run(guarded)
 
     # ── consistency check (`oo-serving check`): reads only ───────────────────
-    async def check(self) -> CheckReport:
+    async def check(self, *, summed_rewards: bool = False) -> CheckReport:
         """Every row against the service's invariants.
 
         Each page and each cross-table check is one autocommit SELECT: its own snapshot,
         no row lock, nothing held between statements. Every statement must finish within
         the store's statement timeout; `oo-serving check` opens its store with a long one.
+        summed_rewards: as Store.check.
         """
         report = CheckReport(backend=self.backend, database=redact_url(self.dsn))
         report.skipped["integrity_check"] = (
@@ -551,7 +621,7 @@ class PostgresStore:
 
             return await self._run(query)
 
-        await consistency.scan(report, fetch, consistency.POSTGRES)
+        await consistency.scan(report, fetch, consistency.POSTGRES, summed_rewards=summed_rewards)
         return report
 
 

@@ -34,7 +34,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
@@ -53,14 +53,18 @@ from oo_serving.store.base import (
     EXPORT_PAGE_ROWS,
     EXPORTS_AT_ONCE,
     FOLDED_SHARD,
+    LOG_PAGE_ROWS,
+    MARK_SQL,
     POOLED_FOLD_AFTER_MS,
     POOLED_MAX_SHARDS,
     REF_COLUMNS,
     REPLAY_SQL,
+    UNREWARDED_SQL,
     USER_COLUMNS,
     DecisionLookup,
     DecisionRecord,
     HistoryEntry,
+    Keyset,
     LoggedReward,
     ReplayNeeded,
     RewardFn,
@@ -74,6 +78,7 @@ from oo_serving.store.base import (
     decision_from_row,
     encode_array,
     encode_optional,
+    mark_params,
     pooled_stats,
     ref_from_row,
     refuse_newer,
@@ -88,19 +93,23 @@ T = TypeVar("T")
 
 _UPSERT_USER = """
 INSERT INTO user_model (user_id, policy, state, state_version, pulls, reward_count,
-                        cumulative_reward, last_updated_ms)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                        cumulative_reward, last_updated_ms, shadows)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (user_id) DO UPDATE SET
     policy = excluded.policy, state = excluded.state,
     state_version = excluded.state_version, pulls = excluded.pulls,
     reward_count = excluded.reward_count, cumulative_reward = excluded.cumulative_reward,
-    last_updated_ms = excluded.last_updated_ms
+    last_updated_ms = excluded.last_updated_ms, shadows = excluded.shadows
 """
 _INSERT_DECISION = """
 INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score, policy,
                       propensity, model_version, candidate_ids, candidate_x,
-                      candidate_features, context)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                      candidate_features, context, candidate_p, greedy, shadow)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_SET_SWEEP_MARK = """
+INSERT INTO sweep_mark (name, until_ms) VALUES (?, ?)
+ON CONFLICT (name) DO UPDATE SET until_ms = max(until_ms, excluded.until_ms)
 """
 _UPSERT_POOLED = """
 INSERT INTO pooled (policy, shard, count, stats, updated_ms) VALUES (?, ?, ?, ?, ?)
@@ -297,6 +306,66 @@ class SQLiteStore:
             finally:
                 await asyncio.get_running_loop().run_in_executor(None, conn.close)
 
+    @asynccontextmanager
+    async def decision_log(
+        self, since_ms: int, until_ms: int, user_ids: Sequence[str] | None = None
+    ) -> AsyncIterator[AsyncIterator[list[DecisionRecord]]]:
+        async with self._exports.slot():
+            conn = await self._read(lambda _: self._new_connection())
+            try:
+                users = sorted(set(user_ids)) if user_ids is not None else None
+                where = "ts_ms >= ? AND ts_ms < ?"
+                params: list[Any] = [since_ms, until_ms]
+                if users is not None:
+                    where += " AND user_id IN (SELECT user_id FROM temp.log_users)"
+
+                def begin(_: sqlite3.Connection) -> sqlite3.Cursor:
+                    if users is not None:  # a temporary table: any number of users
+                        conn.execute("CREATE TEMP TABLE log_users (user_id TEXT PRIMARY KEY)")
+                        conn.executemany("INSERT INTO log_users VALUES (?)", [(u,) for u in users])
+                    conn.execute("BEGIN DEFERRED")
+                    return conn.execute(
+                        f"SELECT {DECISION_COLUMNS} FROM decision WHERE {where}"
+                        " ORDER BY ts_ms, user_id, seq",
+                        params,
+                    )
+
+                cursor = await self._read(begin)
+
+                def page(_: sqlite3.Connection) -> list[DecisionRecord]:
+                    rows = cursor.fetchmany(LOG_PAGE_ROWS)
+                    return [decision_from_row(r, json_as_text=True) for r in rows]
+
+                async def pages() -> AsyncIterator[list[DecisionRecord]]:
+                    while batch := await self._read(page):
+                        yield batch
+
+                yield pages()
+            finally:
+                await asyncio.get_running_loop().run_in_executor(None, conn.close)
+
+    async def unrewarded(
+        self, since_ms: int, until_ms: int, after: Keyset, limit: int
+    ) -> list[tuple[int, str, int, str]]:
+        def query(conn: sqlite3.Connection) -> list[tuple[int, str, int, str]]:
+            rows = conn.execute(UNREWARDED_SQL, (since_ms, until_ms, *after, limit)).fetchall()
+            return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+        return await self._read(query)
+
+    async def sweep_mark(self, name: str) -> int | None:
+        def query(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute("SELECT until_ms FROM sweep_mark WHERE name = ?", (name,)).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._read(query)
+
+    async def set_sweep_mark(self, name: str, until_ms: int) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(_SET_SWEEP_MARK, (name, until_ms))
+
+        await self._write(write)
+
     # ── the write bodies, run on the writer thread inside BEGIN IMMEDIATE ────
     def _score(self, user_id: str, fn: ScoreFn, conn: sqlite3.Connection) -> ScoreWrite:
         user = _load_user(conn, user_id)
@@ -324,6 +393,9 @@ class SQLiteStore:
                 encode_array(d.candidate_X),
                 encode_optional(d.candidate_features),
                 orjson.dumps(d.context).decode(),
+                encode_optional(d.candidate_p),
+                d.greedy,
+                orjson.dumps(d.shadow).decode() if d.shadow else None,
             ),
         ).rowcount
         _expect_one(inserted, "log the decision")
@@ -354,12 +426,8 @@ class SQLiteStore:
             write = fn(user, ref, _load_replay(conn, user_id))
         if write.user is not None:
             _put_user(conn, write.user)
-        if write.reward_event is not None:
-            marked = conn.execute(
-                "UPDATE decision SET reward = ?, rewarded_ms = ?"
-                " WHERE user_id = ? AND event_id = ? AND reward IS NULL",
-                (write.reward, write.ts_ms, user_id, write.reward_event),
-            ).rowcount
+        if write.mark is not None:
+            marked = conn.execute(MARK_SQL, mark_params(user_id, write.mark)).rowcount
             _expect_one(marked, "mark the decision rewarded")
         return write
 
@@ -436,12 +504,13 @@ class SQLiteStore:
             return body(self._connection())
 
     # ── consistency check (`oo-serving check`): reads only ───────────────────
-    async def check(self) -> CheckReport:
+    async def check(self, *, summed_rewards: bool = False) -> CheckReport:
         """Every row against the service's invariants, then `PRAGMA integrity_check`.
 
         Each page is one statement on a reader connection, so one WAL snapshot each and
         never the write lock. A file SQLite finds corrupt while reading is reported as a
         violation (sqlite_unreadable), not as a database that cannot be opened.
+        summed_rewards: as Store.check.
         """
         report = CheckReport(backend=self.backend, database=str(self.path))
 
@@ -455,7 +524,7 @@ class SQLiteStore:
                 report.integrity = "ok"
             else:
                 report.add("sqlite_integrity", len(messages), messages)
-            await consistency.scan(report, fetch, consistency.SQLITE)
+            await consistency.scan(report, fetch, consistency.SQLITE, summed_rewards=summed_rewards)
         except StoreUnavailable as exc:
             if getattr(exc.__cause__, "sqlite_errorname", None) != "SQLITE_CORRUPT":
                 raise
