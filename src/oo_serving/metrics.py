@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from time import perf_counter
 from typing import Any, TypeVar
@@ -37,7 +37,9 @@ from oo_serving.core.policy import Pooled
 from oo_serving.errors import ServiceError, Unavailable
 from oo_serving.store.base import (
     DecisionLookup,
+    DecisionRecord,
     HistoryEntry,
+    Keyset,
     RewardFn,
     RewardWrite,
     ScoreFn,
@@ -85,6 +87,20 @@ class Metrics:
         )
         self.decisions = Counter(
             "oo_decisions", "Decisions made and logged, by policy.", ["policy"], registry=r
+        )
+        self.explored = Counter(
+            "oo_explored_decisions",
+            "Decisions that showed another candidate than the policy's own choice"
+            " (OO_EXPLORATION), by policy. Divide by oo_decisions_total for the share.",
+            ["policy"],
+            registry=r,
+        )
+        self.shadow_decisions = Counter(
+            "oo_shadow_decisions",
+            "Choices of each shadow policy (OO_SHADOW_POLICIES) by the serving policy, and"
+            " whether the shadow agreed with the serving policy's own choice.",
+            ["policy", "shadow", "agreed"],
+            registry=r,
         )
         self.rewards = Counter(
             "oo_rewards",
@@ -140,8 +156,13 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def decision(self, policy: str) -> None:
+    def decision(self, policy: str, explored: bool = False) -> None:
         self._child(self.decisions, policy).inc()
+        if explored:
+            self._child(self.explored, policy).inc()
+
+    def shadow(self, policy: str, shadow: str, agreed: bool) -> None:
+        self._child(self.shadow_decisions, policy, shadow, "true" if agreed else "false").inc()
 
     def reward(self, join: str, learned: bool, value: float) -> None:
         self._child(self.rewards, join, "true" if learned else "false").inc()
@@ -244,6 +265,24 @@ class InstrumentedStore:
             "prune_decisions", self.inner.prune_decisions(older_than_ms, batch_size)
         )
 
+    def decision_log(
+        self, since_ms: int, until_ms: int, user_ids: Sequence[str] | None = None
+    ) -> AbstractAsyncContextManager[AsyncIterator[list[DecisionRecord]]]:
+        return self.inner.decision_log(since_ms, until_ms, user_ids)
+
+    async def unrewarded(
+        self, since_ms: int, until_ms: int, after: Keyset, limit: int
+    ) -> list[tuple[int, str, int, str]]:
+        return await self._timed(
+            "unrewarded", self.inner.unrewarded(since_ms, until_ms, after, limit)
+        )
+
+    async def sweep_mark(self, name: str) -> int | None:
+        return await self._timed("sweep_mark", self.inner.sweep_mark(name))
+
+    async def set_sweep_mark(self, name: str, until_ms: int) -> None:
+        await self._timed("set_sweep_mark", self.inner.set_sweep_mark(name, until_ms))
+
     async def add_pooled(
         self, policy: str, shard: str, count: int, stats: Vector, ts_ms: int
     ) -> None:
@@ -252,7 +291,7 @@ class InstrumentedStore:
     async def pooled(self, policy: str) -> Pooled | None:
         return await self._timed("pooled", self.inner.pooled(policy))
 
-    async def check(self) -> CheckReport:
+    async def check(self, *, summed_rewards: bool = False) -> CheckReport:
         # Not timed: a scan of the whole database, run by an operator, would only stretch
         # the request-latency histogram of the store.
-        return await self.inner.check()
+        return await self.inner.check(summed_rewards=summed_rewards)

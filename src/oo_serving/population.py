@@ -68,6 +68,13 @@ class Population:
             increment = policy.pool(x, reward)
             self._merge(name, 1, increment)
 
+    def correct(self, features: TaskFeatures, old: float, new: float) -> None:
+        """A learned reward's value changed from `old` to `new` (an aggregation rule):
+        replace its increment, counting no new reward."""
+        for name, policy in self._policies.items():
+            x = policy.features([features])[0]
+            self._merge(name, 0, policy.pool(x, new) - policy.pool(x, old))
+
     async def flush(self) -> None:
         """Write the pending sums to this process's rows; what a failed write leaves
         unwritten stays pending for the next flush."""

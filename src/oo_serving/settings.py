@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite:///./var/oo-serving.db"
@@ -70,6 +70,48 @@ class Settings(BaseSettings):
         le=3600,
         description="How often each worker writes the population statistics it learned and"
         " re-reads everyone's (linucb-v2's prior).",
+    )
+    exploration: str = Field(
+        "none",
+        description="none: always the policy's own choice; epsilon:<ε>, e.g. epsilon:0.1:"
+        " with probability ε a uniformly drawn candidate instead. Every decision logs each"
+        " candidate's exact probability.",
+    )
+    shadow_policies: str = Field(
+        "",
+        description="Policies that also choose on every /score without affecting the answer,"
+        " and learn from every reward, e.g. linucb-v2 (comma-separated). Empty: none.",
+    )
+    reward_wait: str = Field(
+        "24h",
+        description="The reward window: a reward for a decision older than this (e.g. 30m,"
+        " 24h, 7d) is stored but not learned.",
+    )
+    default_reward: float | None = Field(
+        None,
+        ge=-1e6,
+        le=1e6,
+        description="The reward `oo-serving sweep` gives each decision not rewarded within"
+        " the window. Empty: none (such decisions stay unrewarded).",
+    )
+    reward_aggregation: Literal["first", "latest", "sum", "max"] = Field(
+        "first",
+        description="Several rewards for one decision: keep the first, the latest, their"
+        " sum or their max; the model is corrected exactly when the kept value changes.",
+    )
+    log_retention_days: float = Field(
+        30.0,
+        gt=0,
+        le=36_500,
+        description="`oo-serving sweep` deletes decisions older than this (never shorter"
+        " than the reward window).",
+    )
+    sweep_interval_s: float = Field(
+        0.0,
+        ge=0,
+        le=86_400,
+        description="Run the sweep (default reward, retention) inside the server every"
+        " this many seconds; 0: only by `oo-serving sweep`.",
     )
     max_candidates: int = Field(
         1000, ge=1, le=100_000, description="Most candidates one /score may offer."
@@ -172,6 +214,38 @@ class Settings(BaseSettings):
             raise ValueError(f"no policy {value!r}; policies: {', '.join(registry.NAMES)}")
         return value
 
+    @field_validator("exploration")
+    @classmethod
+    def _valid_exploration(cls, value: str) -> str:
+        from oo_serving.core.exploration import parse
+
+        return parse(value).spec
+
+    @field_validator("shadow_policies")
+    @classmethod
+    def _valid_shadows(cls, value: str) -> str:
+        return ",".join(shadow_names(value))
+
+    @field_validator("reward_wait")
+    @classmethod
+    def _valid_wait(cls, value: str) -> str:
+        parse_duration_ms(value)
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _retention_covers_window(self) -> Settings:
+        wait_ms = parse_duration_ms(self.reward_wait)
+        if self.log_retention_days * 86_400_000 < wait_ms:
+            raise ValueError(
+                f"log_retention_days ({self.log_retention_days:g}) must not be shorter than"
+                f" the reward window ({self.reward_wait}): a reward must find its decision"
+            )
+        return self
+
+    @property
+    def reward_wait_ms(self) -> int:
+        return parse_duration_ms(self.reward_wait)
+
     @field_validator("policy_split")
     @classmethod
     def _valid_split(cls, value: str) -> str:
@@ -180,3 +254,35 @@ class Settings(BaseSettings):
         if value.strip():
             parse_split(value)
         return value.strip()
+
+
+_UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration_ms(text: str) -> int:
+    """`90s`, `30m`, `24h`, `7d` (or `250ms`) as milliseconds; ValueError otherwise."""
+    value = text.strip().lower()
+    for unit in sorted(_UNITS_MS, key=len, reverse=True):
+        if value.endswith(unit):
+            number = value[: -len(unit)].strip()
+            try:
+                amount = float(number)
+            except ValueError:
+                break
+            if not (amount > 0 and amount * _UNITS_MS[unit] < 2**53):
+                raise ValueError(f"a duration must be > 0, got {text!r}")
+            return round(amount * _UNITS_MS[unit])
+    raise ValueError(f"a duration is a number and a unit (ms, s, m, h, d), e.g. 24h; got {text!r}")
+
+
+def shadow_names(text: str) -> list[str]:
+    """The policy names of OO_SHADOW_POLICIES, checked; ValueError names an unknown one."""
+    from oo_serving.core import registry
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for name in names:
+        if name not in registry.NAMES:
+            raise ValueError(f"no policy {name!r}; policies: {', '.join(registry.NAMES)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a shadow policy is named twice: {text!r}")
+    return names

@@ -262,7 +262,8 @@ def test_openapi_lists_every_path_and_states_constraints(client: httpx.Client) -
 def test_score_response_fields_and_defaults(client: httpx.Client, user_id: str) -> None:
     # No features and no context: hour 12, not overdue, age 0, priority 1.
     out = score(client, user_id, [cand("t1")])
-    assert set(out) == {"tip_id", "score", "policy", "event_id"}
+    assert set(out) == {"tip_id", "score", "policy", "event_id", "propensity"}
+    assert out["propensity"] == 1.0  # no exploration by default
     assert out["tip_id"] == "t1"
     assert out["policy"] == "linucb-v1"
     assert isinstance(out["event_id"], str)
@@ -451,7 +452,7 @@ def test_reward_with_event_id_learns_once(client: httpx.Client, user_id: str) ->
     ev = out["event_id"]
     r = reward(client, user_id, "t", 1.0, event_id=ev)
     assert r.status_code == 200
-    assert r.json() == {"ok": True, "learned": True, "event_id": ev}
+    assert r.json() == {"ok": True, "learned": True, "event_id": ev, "kept": 1.0, "late": False}
     s = stats(client, user_id)
     assert s["reward_count"] == 1
     assert s["cumulative_reward"] == 1.0
@@ -463,7 +464,13 @@ def test_reward_with_event_id_learns_once(client: httpx.Client, user_id: str) ->
     for value in (1.0, -1.0):
         r = reward(client, user_id, "t", value, event_id=ev)
         assert r.status_code == 200
-        assert r.json() == {"ok": True, "learned": False, "event_id": ev}
+        assert r.json() == {
+            "ok": True,
+            "learned": False,
+            "event_id": ev,
+            "kept": 1.0,
+            "late": False,
+        }
     assert client.get(f"/stats/{user_id}").content == before_stats
     assert client.get(f"/features/{user_id}").content == before_history
 
@@ -487,7 +494,7 @@ def test_reward_other_users_event_is_404(client: httpx.Client, user_id: str) -> 
     assert client.get(f"/stats/{thief}").content == thief_before
     # The owner's decision was not consumed.
     r = reward(client, owner, "t", 1.0, event_id=ev)
-    assert r.json() == {"ok": True, "learned": True, "event_id": ev}
+    assert r.json() == {"ok": True, "learned": True, "event_id": ev, "kept": 1.0, "late": False}
 
 
 def test_reward_wrong_tip_is_409(client: httpx.Client, user_id: str) -> None:
@@ -498,7 +505,13 @@ def test_reward_wrong_tip_is_409(client: httpx.Client, user_id: str) -> None:
     assert_error(r, 409, ["body", "tip_id"])
     assert client.get(f"/stats/{user_id}").content == before
     r = reward(client, user_id, "a", 1.0, event_id=out["event_id"])
-    assert r.json() == {"ok": True, "learned": True, "event_id": out["event_id"]}
+    assert r.json() == {
+        "ok": True,
+        "learned": True,
+        "event_id": out["event_id"],
+        "kept": 1.0,
+        "late": False,
+    }
 
 
 def test_reward_without_event_id_joins_latest_decision_for_tip(
@@ -509,7 +522,13 @@ def test_reward_without_event_id_joins_latest_decision_for_tip(
     score(client, user_id, [cand("other", priority=4)], hour=22)
     r = reward(client, user_id, "t", 0.5, feats(hour=1, priority=1))
     assert r.status_code == 200
-    assert r.json() == {"ok": True, "learned": True, "event_id": latest["event_id"]}
+    assert r.json() == {
+        "ok": True,
+        "learned": True,
+        "event_id": latest["event_id"],
+        "kept": 0.5,
+        "late": False,
+    }
     s = stats(client, user_id)
     assert s["reward_count"] == 1
     expected = closed_form_theta([(x_of(15, priority=2), 0.5)])
@@ -522,7 +541,7 @@ def test_reward_without_any_decision_learns_on_body_features(
     f = feats(hour=7, overdue=True, age=40.0, priority=3)
     r = reward(client, user_id, "never-scored", -1.0, f)
     assert r.status_code == 200
-    assert r.json() == {"ok": True, "learned": True, "event_id": None}
+    assert r.json() == {"ok": True, "learned": True, "event_id": None, "kept": -1.0, "late": False}
     s = stats(client, user_id)
     assert s["pulls"] == 0
     assert s["reward_count"] == 1
@@ -537,7 +556,7 @@ def test_reward_for_tip_never_chosen_uses_body_features(client: httpx.Client, us
     score(client, user_id, [cand("chosen", priority=4), cand("passed-over")], hour=9)
     r = reward(client, user_id, "passed-over", 1.0, feats(hour=20, priority=2))
     assert r.status_code == 200
-    assert r.json() == {"ok": True, "learned": True, "event_id": None}
+    assert r.json() == {"ok": True, "learned": True, "event_id": None, "kept": 1.0, "late": False}
     expected = closed_form_theta([(x_of(20, priority=2), 1.0)])
     np.testing.assert_allclose(stats(client, user_id)["theta"], expected, rtol=0, atol=1e-9)
 

@@ -62,7 +62,13 @@ def test_a_reward_with_event_id_needs_neither_tip_nor_features(
     body = {"user_id": user_id, "reward": -0.5, "event_id": decision["event_id"], **extra}
     r = client.post("/reward", json=body)
     assert r.status_code == 200, r.text
-    assert r.json() == {"ok": True, "learned": True, "event_id": decision["event_id"]}
+    assert r.json() == {
+        "ok": True,
+        "learned": True,
+        "event_id": decision["event_id"],
+        "kept": -0.5,
+        "late": False,
+    }
 
     stats = client.get(f"/stats/{user_id}").json()
     assert (stats["pulls"], stats["reward_count"], stats["cumulative_reward"]) == (1, 1, -0.5)
@@ -73,7 +79,13 @@ def test_a_reward_with_event_id_needs_neither_tip_nor_features(
 
     before = _state(client, user_id)
     again = client.post("/reward", json=body)
-    assert again.json() == {"ok": True, "learned": False, "event_id": decision["event_id"]}
+    assert again.json() == {
+        "ok": True,
+        "learned": False,
+        "event_id": decision["event_id"],
+        "kept": -0.5,
+        "late": False,
+    }
     assert _state(client, user_id) == before
 
 

@@ -163,7 +163,13 @@ def test_random_sequence_matches_reference(client: httpx.Client, user_id: str, s
                 },
             )
             assert r.status_code == 200, r.text
-            assert r.json() == {"ok": True, "learned": True, "event_id": out["event_id"]}
+            assert r.json() == {
+                "ok": True,
+                "learned": True,
+                "event_id": out["event_id"],
+                "kept": value,
+                "late": False,
+            }
             ref.reward(features, value)
         if rng.random() < 0.1:
             # A tip never decided on: learned on the request's features.
@@ -179,7 +185,13 @@ def test_random_sequence_matches_reference(client: httpx.Client, user_id: str, s
                 },
             )
             assert r.status_code == 200, r.text
-            assert r.json() == {"ok": True, "learned": True, "event_id": None}
+            assert r.json() == {
+                "ok": True,
+                "learned": True,
+                "event_id": None,
+                "kept": value,
+                "late": False,
+            }
             ref.reward(features, value)
 
     r = client.get(f"/stats/{user_id}")

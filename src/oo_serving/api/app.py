@@ -10,21 +10,18 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from oo_serving import __version__
+from oo_serving import __version__, sweep
 from oo_serving.api.auth import Access, KeyRing
 from oo_serving.api.body_limit import BodyLimitMiddleware
 from oo_serving.api.errors import install_error_handlers
 from oo_serving.api.observe import ObserveMiddleware
 from oo_serving.api.routes import build_router, install_body_schemas
 from oo_serving.api.schemas import ErrorResponse
-from oo_serving.assignment import Assignment, parse_split
-from oo_serving.core import registry
-from oo_serving.core.policy import Policy
 from oo_serving.logs import UserIdHasher
 from oo_serving.metrics import InstrumentedStore, Metrics
-from oo_serving.service import Service
 from oo_serving.settings import Settings
 from oo_serving.store import open_store
+from oo_serving.wiring import service_of
 
 DESCRIPTION = """
 Picks which tip (one of a user's tasks) the oO app shows next, and learns from what the
@@ -43,12 +40,7 @@ def create_app(settings: Settings) -> FastAPI:
     access = Access.of(ring, settings.metrics_key.get_secret_value(), ErrorResponse)
     metrics = Metrics()
     store = InstrumentedStore(open_store(settings), metrics)
-    service = Service(
-        store,
-        assignment_of(settings),
-        history_size=settings.history_size,
-        decision_log_per_user=settings.decision_log_per_user,
-    )
+    service = service_of(settings, store)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,19 +49,31 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             # The population's prior is read before the first request, so a new user's
             # very first /score uses it.
-            if not population.names:
-                yield
-                return
-            await population.refresh()
-            refresher = asyncio.create_task(population.run(settings.population_refresh_s))
+            tasks: list[asyncio.Task[None]] = []
+            if population.names:
+                await population.refresh()
+                tasks.append(asyncio.create_task(population.run(settings.population_refresh_s)))
+            if settings.sweep_interval_s > 0:
+                tasks.append(
+                    asyncio.create_task(
+                        sweep.run(
+                            service,
+                            settings.sweep_interval_s,
+                            default_reward=settings.default_reward,
+                            retention_ms=round(settings.log_retention_days * 86_400_000),
+                        )
+                    )
+                )
             try:
                 yield
             finally:
-                refresher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await refresher
-                with contextlib.suppress(Exception):  # the database may be what stopped us
-                    await population.flush()
+                for task in tasks:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                if population.names:
+                    with contextlib.suppress(Exception):  # the database may have stopped us
+                        await population.flush()
         finally:
             await store.close()
 
@@ -98,29 +102,6 @@ def create_app(settings: Settings) -> FastAPI:
     install_body_schemas(app, body_models, access.security_schemes)
     app.state.service = service
     return app
-
-
-def policies_of(settings: Settings) -> dict[str, Policy]:
-    """Every registered policy, with the settings the service runs it with."""
-    return {
-        "linucb-v1": registry.make("linucb-v1"),
-        "linucb-v2": registry.make(
-            "linucb-v2",
-            alpha=settings.linucb_v2_alpha,
-            prior_weight=settings.linucb_v2_prior_weight,
-            interaction_prior_weight=settings.linucb_v2_interaction_prior_weight,
-            discount=settings.linucb_v2_discount,
-            population_ridge=settings.linucb_v2_population_ridge,
-        ),
-    }
-
-
-def assignment_of(settings: Settings) -> Assignment:
-    """OO_POLICY_SPLIT if set, else OO_POLICY for everyone."""
-    policies = policies_of(settings)
-    if settings.policy_split:
-        return Assignment.split(parse_split(settings.policy_split), policies)
-    return Assignment.single(policies[settings.policy])
 
 
 def create_app_from_env() -> FastAPI:

@@ -228,12 +228,15 @@ def build_router(
             context,
             explain=body.explain,
         )
-        metrics.decision(result.policy)
+        metrics.decision(result.policy, result.explored)
+        for name, agreed in result.agreement.items():
+            metrics.shadow(result.policy, name, agreed)
         answer: dict[str, Any] = {
             "tip_id": result.tip_id,
             "score": result.score,
             "policy": result.policy,
             "event_id": result.event_id,
+            "propensity": result.propensity,
         }
         if result.explanation is not None:
             answer["explanation"] = {
@@ -265,10 +268,14 @@ def build_router(
     async def reward(request: Request) -> Response:
         """Learn from what the user did with a tip.
 
-        With `event_id`: learned once on the vector that decision scored (a repeat is
-        acknowledged with `learned: false`); `tip_id` and `features` may be left out.
-        Without: `tip_id` and `features` are required, and the reward is learned on the
-        user's latest decision for `tip_id`, or on `features` if none is logged.
+        With `event_id`: learned on the vector that decision scored; `tip_id` and
+        `features` may be left out. Without: `tip_id` and `features` are required, and
+        the reward is learned on the user's latest decision for `tip_id`, or on
+        `features` if none is logged.
+
+        A reward later than the reward window (OO_REWARD_WAIT) after its decision is
+        stored, not learned (`late: true`). Several rewards for one decision are kept by
+        OO_REWARD_AGGREGATION (`kept`); `learned` says whether the model changed.
         """
         body = await parse_body(request, RewardRequest)
         request.scope[USER_ID_KEY] = body.user_id
@@ -284,7 +291,15 @@ def build_router(
         else:
             join = "request_features" if result.event_id is None else "latest_decision"
         metrics.reward(join, result.learned, body.reward)
-        return json_response({"ok": True, "learned": result.learned, "event_id": result.event_id})
+        return json_response(
+            {
+                "ok": True,
+                "learned": result.learned,
+                "event_id": result.event_id,
+                "kept": result.kept,
+                "late": result.late,
+            }
+        )
 
     @router.post(
         "/reset/{user_id:whole}",

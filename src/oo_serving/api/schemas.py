@@ -220,6 +220,11 @@ class ScoreResponse(BaseModel):
         description="The policy that decided: linucb-v1 or linucb-v2.", examples=["linucb-v1"]
     )
     event_id: str = Field(description="This decision's id; send it back with the reward.")
+    propensity: float = Field(
+        description="The probability with which this tip was to be shown (1.0 without"
+        " exploration, OO_EXPLORATION), as logged with the decision.",
+        examples=[1.0],
+    )
     explanation: Explanation | None = Field(
         None, description='Present only when the request asked for it ("explain": true).'
     )
@@ -330,11 +335,22 @@ class RewardRequest(_Body):
 class RewardResponse(BaseModel):
     ok: bool = True
     learned: bool = Field(
-        description="False when this repeats a reward already learned for event_id."
+        description="Whether the model changed: false for a repeat that changes nothing"
+        " under OO_REWARD_AGGREGATION, and for a late reward."
     )
     event_id: str | None = Field(
         description="The decision the reward was joined to; null when no logged decision"
         " matched and the request's features were used."
+    )
+    kept: float | None = Field(
+        None,
+        description="The reward the decision keeps under OO_REWARD_AGGREGATION (for"
+        " `first`, the first one sent); with no decision, the reward learned.",
+    )
+    late: bool = Field(
+        False,
+        description="The decision is older than the reward window (OO_REWARD_WAIT): the"
+        " reward was stored, not learned.",
     )
 
 

@@ -11,6 +11,7 @@ service always runs α = 1, the prototype's value.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -73,6 +74,13 @@ class LinUCBV1:
 
     def update(self, state: LinUCBState, x: Vector, reward: float) -> LinUCBState:
         return linucb.update(state, x, reward)
+
+    def correct(self, state: LinUCBState, x: Vector, delta: float, age: int) -> LinUCBState:
+        """b + δ·x: the reward enters b alone (A counts the observation, not its value);
+        nothing is forgotten, so `age` does not matter."""
+        if not math.isfinite(delta):
+            raise ValueError(f"a reward correction must be finite, got {delta!r}")
+        return LinUCBState(A_inv=state.A_inv, b=state.b + delta * x)
 
     def theta(self, state: LinUCBState, prior: object = None) -> Vector:
         return state.theta

@@ -177,6 +177,15 @@ class LinUCBV2:
         g = self.discount
         return LinUCBV2State(D=g * state.D + np.multiply.outer(x, x), b=g * state.b + reward * x)
 
+    def correct(self, state: LinUCBV2State, x: Vector, delta: float, age: int) -> LinUCBV2State:
+        """b + γᵃᵍᵉ·δ·x: that reward's term in b has been multiplied by γ once per later
+        update, and D does not depend on the reward's value."""
+        if not math.isfinite(delta):
+            raise ValueError(f"a reward correction must be finite, got {delta!r}")
+        if age < 0:
+            raise ValueError(f"age must be >= 0, got {age!r}")
+        return LinUCBV2State(D=state.D, b=state.b + (self.discount**age) * delta * x)
+
     def theta(self, state: LinUCBV2State, prior: Prior | None) -> Vector:
         return self._posterior(state, prior).theta
 

@@ -103,6 +103,13 @@ class Policy(Protocol):
         """The state after observing `reward` (finite) for the shown vector x (shape (d,))."""
         ...
 
+    def correct(self, state: Any, x: Vector, delta: float, age: int) -> Any:
+        """The state as if the reward learned for x, `age` updates ago (0: the latest),
+        had been `delta` larger: what re-learning from scratch with the corrected reward
+        would give, forgetting included. For a reward kept under an aggregation rule
+        (OO_REWARD_AGGREGATION) that changes after it was learned."""
+        ...
+
     def theta(self, state: Any, prior: Any) -> Vector:
         """The weights the policy currently estimates, shape (d,), in feature_names order."""
         ...
