@@ -7,13 +7,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test lint typecheck pytest lock bench bench-learning clean
+.PHONY: install serve test lint typecheck pytest lock bench bench-learning bench-evaluation clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,report]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,report,export]'
 	@touch $@
 
 serve: install
@@ -34,7 +34,7 @@ pytest: install
 # Re-pin every dependency to what is installed now (after changing pyproject.toml); the
 # bench and report extras are installed first so that their pins stay in the lock.
 lock: install
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,bench,report]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[dev,bench,report,export]'
 	$(BIN)/python -m pip freeze --exclude-editable --disable-pip-version-check \
 		| grep -v '^oo-serving' > requirements.lock
 
@@ -49,3 +49,9 @@ bench: install
 # writes docs/learning-http.md (about half an hour; never part of test).
 bench-learning: install
 	$(BIN)/python bench/learning.py --out docs/learning-http.md
+
+# Off-policy evaluation on logs the service writes for the simulator, against the known
+# true values (2 scenarios × 20 seeds; about 15 minutes; never part of test).
+bench-evaluation: install
+	$(BIN)/python bench/evaluation.py --out docs/evaluation-sim.md
+

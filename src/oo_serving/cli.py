@@ -1,4 +1,4 @@
-"""The `oo-serving` command: serve, migrate, prune, check, simulate.
+"""The `oo-serving` command: serve, migrate, prune, check, simulate, sweep, evaluate, export.
 
 Every flag has an OO_* environment variable; a flag given wins over the variable.
 """
@@ -14,17 +14,21 @@ import os
 import secrets
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
+import orjson
 import typer
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
+from oo_serving import sweep as sweep_mod
 from oo_serving.api import lifecycle
 from oo_serving.api.auth import SHORT_KEY_LENGTH, KeyRing, is_loopback
 from oo_serving.check import CheckReport
@@ -32,9 +36,10 @@ from oo_serving.errors import SchemaError, StoreUnavailable
 from oo_serving.logs import log_config
 from oo_serving.metrics import METRICS_FILE, MULTIPROCESS_DIR_ENV
 from oo_serving.redact import redact_secrets, redact_url
-from oo_serving.settings import Settings
+from oo_serving.settings import Settings, parse_duration_ms, shadow_names
 from oo_serving.store import open_store
 from oo_serving.store.sqlite import sqlite_path
+from oo_serving.wiring import service_of
 
 T = TypeVar("T")
 log = logging.getLogger("oo_serving")
@@ -274,7 +279,8 @@ async def _check(settings: Settings) -> CheckReport:
     store = open_store(settings)
     try:
         await store.open(migrate=False)  # a check changes nothing, the schema included
-        return await store.check()
+        # Summed rewards (OO_REWARD_AGGREGATION=sum) may exceed [-1, 1]: held to their count.
+        return await store.check(summed_rewards=settings.reward_aggregation == "sum")
     finally:
         await store.close()
 
@@ -289,7 +295,8 @@ def check(
     """Check every model and decision against the service's invariants; safe while serving.
 
     Reads in pages, without a write lock, and changes nothing: a schema that is not
-    current is refused (run `oo-serving migrate` first).
+    current is refused (run `oo-serving migrate` first). Under OO_REWARD_AGGREGATION=sum
+    a decision's reward is held to |reward| <= its reward count, not to [-1, 1].
     Exit code 0: no violation; 1: violations, one line per kind with up to 20 user ids;
     2: the database cannot be opened.
     """
@@ -520,6 +527,284 @@ def simulate(
     if out is not None:
         written = report.write(result, out, command=command)
         typer.echo(f"oo-serving: wrote {', '.join(map(str, written))}", err=True)
+
+
+# ── sweep, evaluate, export: the decision log ────────────────────────────────
+
+
+SinceOption = Annotated[
+    str | None,
+    typer.Option(help="First decision time: ISO-8601 (UTC), or a duration ago like 7d."),
+]
+UntilOption = Annotated[
+    str | None, typer.Option(help="End of the range (excluded), as --since; default: now.")
+]
+UserOption = Annotated[
+    list[str] | None, typer.Option(help="Only this user's decisions (repeatable).")
+]
+
+
+def _when_ms(text: str, flag: str, now_ms: int) -> int:
+    """An ISO-8601 date or time (UTC unless it says otherwise), or a duration meaning
+    that long ago (e.g. 7d), as Unix ms; a usage error otherwise."""
+    value = text.strip()
+    try:
+        return now_ms - parse_duration_ms(value)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{flag} {text!r} is neither an ISO-8601 date or time (2026-12-01,"
+            " 2026-12-01T09:30) nor a duration ago (7d, 24h)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _require_database(settings: Settings) -> None:
+    """A command that reads a SQLite database refuses a file that is not there (opening it
+    would create an empty one)."""
+    if settings.database_url.startswith("sqlite:"):
+        path = sqlite_path(settings.database_url)
+        if not path.is_file():
+            raise StoreUnavailable(f"no database at {path}")
+
+
+async def _sweep(settings: Settings, now_ms: int) -> sweep_mod.SweepReport:
+    _require_database(settings)
+    store = open_store(settings)
+    await store.open(migrate=False)
+    try:
+        service = service_of(settings, store)
+        try:
+            return await sweep_mod.sweep(
+                service,
+                default_reward=settings.default_reward,
+                retention_ms=round(settings.log_retention_days * 86_400_000),
+                now_ms=now_ms,
+            )
+        finally:
+            await service.population.flush()  # what the default rewards taught linucb-v2
+    finally:
+        await store.close()
+
+
+@app.command()
+def sweep(
+    database: DatabaseOption = None,
+    default_reward: Annotated[
+        float | None,
+        typer.Option(
+            help="Reward for decisions never rewarded in the window [env: OO_DEFAULT_REWARD]"
+        ),
+    ] = None,
+    log_retention_days: Annotated[
+        float | None,
+        typer.Option(help="Delete decisions older than this [env: OO_LOG_RETENTION_DAYS]"),
+    ] = None,
+) -> None:
+    """Give the default reward to decisions whose reward window closed without one, then
+    delete decisions past the retention; safe while serving, from many machines at
+    once, and to re-run.
+
+    Learns the default rewards as the server would: run it with the server's OO_*
+    settings (policy, shadow policies, reward window).
+    """
+    settings = _settings(
+        database_url=database,
+        default_reward=default_reward,
+        log_retention_days=log_retention_days,
+    )
+    logging.config.dictConfig(log_config(settings))
+    report = _run_or_exit(_sweep(settings, time.time_ns() // 1_000_000))
+    typer.echo(
+        f"oo-serving: gave {report.defaults_given} default rewards; deleted {report.pruned}"
+        f" decisions older than {settings.log_retention_days:g} days"
+    )
+
+
+async def _evaluate(
+    settings: Settings,
+    since_ms: int,
+    until_ms: int,
+    users: list[str] | None,
+    trained: dict[str, Any],
+    train_until_ms: int | None,
+    unrewarded_as: float | None,
+    now_ms: int,
+) -> Any:
+    from oo_serving.evaluation import log as evaluation
+
+    _require_database(settings)
+    store = open_store(settings)
+    await store.open(migrate=False)
+    try:
+        async with store.decision_log(since_ms, until_ms, users) as pages:
+            return await evaluation.evaluate(
+                pages,
+                now_ms=now_ms,
+                rewards=evaluation.Rewards(
+                    settings.reward_wait_ms, settings.default_reward, unrewarded_as
+                ),
+                shadows=shadow_names(settings.shadow_policies),
+                trained=trained,
+                train_until_ms=train_until_ms,
+            )
+    finally:
+        await store.close()
+
+
+@app.command()
+def evaluate(
+    database: DatabaseOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    user: UserOption = None,
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A registered policy to train on the decisions before --train-until and"
+            " evaluate, frozen, on the rest: NAME or NAME:KEY=VALUE,... (repeatable)."
+        ),
+    ] = None,
+    train_until: Annotated[
+        str | None,
+        typer.Option(help="Where training ends and evaluation starts, as --since."),
+    ] = None,
+    shadow_policies: Annotated[
+        str | None,
+        typer.Option(
+            help="Shadow policies whose logged choices to evaluate [env: OO_SHADOW_POLICIES]"
+        ),
+    ] = None,
+    unrewarded_as: Annotated[
+        float | None,
+        typer.Option(
+            help="Value of a decision never rewarded in its window when OO_DEFAULT_REWARD"
+            " is not set; default: skip it."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    html: Annotated[
+        Path | None, typer.Option(help="Also write a self-contained HTML report with plots.")
+    ] = None,
+) -> None:
+    """Estimate, from the decision log, the value of the logging policy, uniform, its
+    greedy part, each shadow policy and each --policy, with IPS, SNIPS and DR, intervals
+    clustered by user and anytime-valid confidence sequences; and say whether each beats
+    what is running.
+
+    One pass over the log in time order, memory bounded. Reads only; safe while serving.
+    Exit code 0: evaluated (or too few events, said so); 2: bad input or no database.
+    """
+    from oo_serving.evaluation import render
+    from oo_serving.sim.policies import PolicySim, parse_policy
+
+    settings = _settings(database_url=database, shadow_policies=shadow_policies)
+    logging.config.dictConfig(log_config(settings))
+    now_ms = time.time_ns() // 1_000_000
+    since_ms = _when_ms(since, "--since", now_ms) if since else 0
+    until_ms = _when_ms(until, "--until", now_ms) if until else now_ms + 1
+    train_until_ms = _when_ms(train_until, "--train-until", now_ms) if train_until else None
+    trained: dict[str, Any] = {}
+    for spec in policy or []:
+        try:
+            made = parse_policy(spec)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--policy") from None
+        if not isinstance(made, PolicySim):
+            raise typer.BadParameter(
+                f"{spec!r} is a baseline: uniform is always evaluated", param_hint="--policy"
+            )
+        trained[made.name] = made.policy
+    if trained and train_until_ms is None:
+        raise typer.BadParameter("--policy needs --train-until", param_hint="--train-until")
+    command = shlex.join(["oo-serving", "evaluate", *sys.argv[2:]])
+    result = _run_or_exit(
+        _evaluate(
+            settings, since_ms, until_ms, user, trained, train_until_ms, unrewarded_as, now_ms
+        )
+    )
+    if html is not None:
+        try:
+            render.write_html(result, html, command=command)
+        except RuntimeError as exc:
+            _refuse(str(exc))
+    if as_json:
+        typer.echo(orjson.dumps(render.to_json(result)).decode())
+    else:
+        typer.echo(render.table(result), nl=False)
+        if html is not None:
+            typer.echo(f"report: {html}")
+
+
+async def _export_log(
+    settings: Settings,
+    fmt: str,
+    out: Path | None,
+    since_ms: int,
+    until_ms: int,
+    users: list[str] | None,
+) -> int:
+    from oo_serving.logexport import export_log
+
+    _require_database(settings)
+    store = open_store(settings)
+    await store.open(migrate=False)
+    try:
+        async with store.decision_log(since_ms, until_ms, users) as pages:
+            if out is None:
+                return await export_log(pages, sys.stdout.buffer, fmt)
+            # Written beside the target and renamed once complete: a failed export
+            # leaves no file that looks whole.
+            partial = out.with_name(f".{out.name}.partial")
+            try:
+                with partial.open("wb") as stream:
+                    rows = await export_log(pages, stream, fmt)
+                partial.replace(out)
+            finally:
+                partial.unlink(missing_ok=True)
+            return rows
+    finally:
+        await store.close()
+
+
+@app.command("export")
+def export_command(
+    out: Annotated[str, typer.Option(help="File to write, or - for standard output.")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="parquet or jsonl (one JSON object a line).")
+    ] = "parquet",
+    database: DatabaseOption = None,
+    since: SinceOption = None,
+    until: UntilOption = None,
+    user: UserOption = None,
+) -> None:
+    """Write the decision log, one row per decision joined with its reward, with every
+    candidate's raw features, vector and probability (docs/export.md); safe while
+    serving. Parquet needs the `export` extra (pyarrow).
+    """
+    from oo_serving.logexport import FORMATS
+
+    if fmt not in FORMATS:
+        raise typer.BadParameter(
+            f"{fmt!r} is not one of {', '.join(FORMATS)}", param_hint="--format"
+        )
+    settings = _settings(database_url=database)
+    logging.config.dictConfig(log_config(settings))
+    now_ms = time.time_ns() // 1_000_000
+    since_ms = _when_ms(since, "--since", now_ms) if since else 0
+    until_ms = _when_ms(until, "--until", now_ms) if until else now_ms + 1
+    target = None if out == "-" else Path(out)
+    try:
+        rows = _run_or_exit(_export_log(settings, fmt, target, since_ms, until_ms, user))
+    except RuntimeError as exc:
+        _refuse(str(exc))
+    if target is not None:
+        typer.echo(f"oo-serving: wrote {rows} decisions to {target}", err=True)
 
 
 def main() -> None:
