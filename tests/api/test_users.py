@@ -77,9 +77,19 @@ def test_export_holds_the_model_and_every_decision(client: httpx.Client, user_id
     assert TS_MS_RE.match(decisions[0]["rewarded_at"])
     assert decisions[1]["rewarded_at"] is None
     assert [d["model_version"] for d in decisions] == [0, 1]
+    assert [(d["reward_n"], d["learned"], d["reward_source"]) for d in decisions] == [
+        (1, True, "client"),
+        (0, False, None),
+    ]
     for d, hour in zip(decisions, (9, 18), strict=True):
         assert TS_MS_RE.match(d["ts"])
         assert d["propensity"] == 1.0
+        # Deterministic (no exploration by default): the chosen tip had probability 1.
+        assert [c["probability"] for c in d["candidates"]] == [
+            1.0 if c["id"] == d["tip_id"] else 0.0 for c in d["candidates"]
+        ]
+        assert d["candidates"][d["greedy"]]["id"] == d["tip_id"]
+        assert d["shadow"] == {}
         assert [c["id"] for c in d["candidates"]] == ["t1", "t2"]
         expected = [_x(hour, False, 0.0, 4), _x(hour, True, 0.0, 1)]
         assert np.allclose([c["x"] for c in d["candidates"]], expected, rtol=0, atol=1e-12)

@@ -55,17 +55,34 @@ def decision_json(d: DecisionRecord) -> dict[str, Any]:
         "score": d.score,
         "policy": d.policy,
         "propensity": d.propensity,
+        "greedy": d.greedy,
+        "shadow": dict(sorted(d.shadow.items())),
         "model_version": d.model_version,
         "context": _context_in_order(d.context),
         "candidates": [
-            {"id": c, "x": x, "features": raw}
-            for c, x, raw in zip(
-                d.candidate_ids, d.candidate_X.tolist(), _raw_features(d), strict=True
+            {"id": c, "x": x, "features": raw, "probability": p}
+            for c, x, raw, p in zip(
+                d.candidate_ids,
+                d.candidate_X.tolist(),
+                _raw_features(d),
+                _probabilities(d),
+                strict=True,
             )
         ],
         "reward": d.reward,
         "rewarded_at": None if d.rewarded_ms is None else format_ts_ms(d.rewarded_ms),
+        "reward_n": d.reward_n,
+        "learned": d.learned,
+        "reward_source": d.reward_source,
     }
+
+
+def _probabilities(d: DecisionRecord) -> list[float]:
+    """Each candidate's logged probability; for a decision logged before they were kept
+    (deterministic), 1 for the chosen tip and 0 for the others."""
+    if d.candidate_p is not None:
+        return [float(p) for p in d.candidate_p]
+    return [1.0 if c == d.tip_id else 0.0 for c in d.candidate_ids]
 
 
 def _context_in_order(context: dict[str, Any]) -> dict[str, Any]:

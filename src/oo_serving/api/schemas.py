@@ -421,6 +421,10 @@ class ExportedCandidate(BaseModel):
     features: CandidateFeatures | None = Field(
         description="Its raw features as scored; null for decisions logged before they were kept."
     )
+    probability: float = Field(
+        description="The probability it was to be shown (exploration included); for"
+        " decisions logged before probabilities were kept, 1 for the chosen tip, 0 else."
+    )
 
 
 class ExportedDecision(BaseModel):
@@ -432,12 +436,30 @@ class ExportedDecision(BaseModel):
     x: list[float] = Field(description="The chosen tip's feature vector.")
     score: float
     policy: str
-    propensity: float = Field(description="Probability the policy gave this choice.")
+    propensity: float = Field(
+        description="Probability the chosen tip was to be shown (its candidate's probability)."
+    )
+    greedy: int | None = Field(
+        description="Index in candidates of the policy's own choice, before exploration;"
+        " null for decisions logged before it was kept."
+    )
+    shadow: dict[str, int] = Field(
+        description="Each shadow policy's choice on this request, as an index in candidates."
+    )
     model_version: int = Field(description="The user's reward_count when it was made.")
     context: dict[str, int] = Field(description="The request's context, as scored.")
     candidates: list[ExportedCandidate] = Field(description="Every tip offered, in order.")
-    reward: float | None = Field(description="The reward learned for it, if any.")
-    rewarded_at: str | None
+    reward: float | None = Field(
+        description="The reward it keeps under OO_REWARD_AGGREGATION, if any."
+    )
+    rewarded_at: str | None = Field(description="When its first reward arrived.")
+    reward_n: int = Field(description="How many rewards arrived for it.")
+    learned: bool = Field(
+        description="Whether the model holds the reward (false: it came after the window)."
+    )
+    reward_source: str | None = Field(
+        description="client, or default (OO_DEFAULT_REWARD given by the sweep)."
+    )
 
 
 class ExportResponse(BaseModel):
