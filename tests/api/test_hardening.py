@@ -86,7 +86,13 @@ def test_a_reward_with_event_id_needs_neither_tip_nor_features(
         "kept": -0.5,
         "late": False,
     }
-    assert _state(client, user_id) == before
+    # The repeat is counted in the log, and changes nothing else: not the model, not the
+    # kept reward.
+    stats_after, export_after = _state(client, user_id)
+    [decision_after] = export_after["decisions"]
+    assert decision_after.pop("reward_n") == 2
+    assert before[1]["decisions"][0].pop("reward_n") == 1
+    assert (stats_after, export_after) == before
 
 
 def test_a_tip_id_sent_with_event_id_is_still_checked(client: httpx.Client, user_id: str) -> None:
