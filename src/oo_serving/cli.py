@@ -1,4 +1,5 @@
-"""The `oo-serving` command: serve, migrate, prune, check, simulate, sweep, evaluate, export.
+"""The `oo-serving` command: serve, migrate, prune, check, simulate, sweep, evaluate, export,
+backup.
 
 Every flag has an OO_* environment variable; a flag given wins over the variable.
 """
@@ -14,6 +15,7 @@ import os
 import secrets
 import shlex
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
@@ -805,6 +807,40 @@ def export_command(
         _refuse(str(exc))
     if target is not None:
         typer.echo(f"oo-serving: wrote {rows} decisions to {target}", err=True)
+
+
+# ── backup ───────────────────────────────────────────────────────────────────
+
+
+@app.command()
+def backup(
+    to: Annotated[Path, typer.Option("--to", help="The file to write (replaced if it exists).")],
+    database: DatabaseOption = None,
+) -> None:
+    """Copy a SQLite database to a file as one consistent snapshot; safe while serving.
+
+    Uses SQLite's online backup, in small steps, checks the copy, and renames it into
+    place only when whole. To restore: stop the server, put the copy at the database's
+    path (and delete any -wal and -shm files beside it), start the server. For
+    PostgreSQL use pg_dump (docs/operations.md). Exit code 0: written; 2: no database,
+    not SQLite, or the copy failed.
+    """
+    from oo_serving.backup import backup_sqlite
+
+    settings = _settings(database_url=database)
+    if not settings.database_url.startswith("sqlite:"):
+        _refuse(
+            "backup copies SQLite databases; for PostgreSQL use pg_dump, e.g."
+            " `pg_dump --format=custom --file=oo.dump DBNAME` (docs/operations.md)"
+        )
+    try:
+        report = backup_sqlite(sqlite_path(settings.database_url), to)
+    except (OSError, ValueError, sqlite3.Error) as exc:
+        _refuse(str(exc))
+    typer.echo(
+        f"oo-serving: backed up {report.models} models and {report.decisions} decisions"
+        f" (schema version {report.schema_version}, {report.size_bytes:,} bytes) to {report.path}"
+    )
 
 
 def main() -> None:
