@@ -127,3 +127,11 @@ def test_redact_secrets_masks_every_url_in_a_message() -> None:
         'error connecting: invalid URI: "postgresql://oo:***@[::1/oo"; tried'
         " postgres://a:***@b/c and host=h password=*** dbname=x"
     )
+
+
+def test_version_prints_the_package_version() -> None:
+    from oo_serving import __version__
+
+    done = oo_serving("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"oo-serving {__version__}"

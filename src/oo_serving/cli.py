@@ -30,6 +30,7 @@ import typer
 import uvicorn
 from pydantic import SecretStr, ValidationError
 
+from oo_serving import __version__
 from oo_serving import sweep as sweep_mod
 from oo_serving.api import lifecycle
 from oo_serving.api.auth import SHORT_KEY_LENGTH, KeyRing, is_loopback
@@ -53,6 +54,28 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"oo-serving {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """oO ML Serving: pick the next tip to show, learn from what the user does."""
+
 
 DatabaseOption = Annotated[
     str | None,
