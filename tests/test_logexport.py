@@ -1,8 +1,8 @@
 """The decision-log export (oo_serving.logexport): every column, in both formats.
 
 The decisions are built by hand, exported to a file, and read back with orjson (JSON
-Lines) and pyarrow (Parquet). The Parquet tests skip when pyarrow is not installed (it
-is the `export` extra).
+Lines) and pyarrow (Parquet, the `export` extra, which `make install` includes: the
+Parquet tests import it and fail without it rather than skip).
 """
 
 from __future__ import annotations
@@ -122,7 +122,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def pq() -> Any:
-    return pytest.importorskip("pyarrow.parquet")
+    # Imported, not skipped: `make install` includes the export extra, so a missing
+    # pyarrow is a broken install that must fail the suite.
+    import pyarrow.parquet
+
+    return pyarrow.parquet
 
 
 NEW_RAW = [

@@ -608,7 +608,7 @@ async def _sweep(settings: Settings, now_ms: int) -> sweep_mod.SweepReport:
             return await sweep_mod.sweep(
                 service,
                 default_reward=settings.default_reward,
-                retention_ms=round(settings.log_retention_days * 86_400_000),
+                retention_ms=settings.log_retention_ms,
                 now_ms=now_ms,
             )
         finally:

@@ -23,7 +23,7 @@ from oo_serving.assignment import Assignment
 from oo_serving.core import exploration as exploration_mod
 from oo_serving.core import registry
 from oo_serving.core.exploration import Exploration
-from oo_serving.core.features import TaskFeatures, Vector
+from oo_serving.core.features import TaskFeatures, Vector, logged_features
 from oo_serving.core.policy import Explanation, Policy
 from oo_serving.errors import TipMismatch, UnknownEvent
 from oo_serving.population import Population
@@ -197,7 +197,9 @@ class Service:
         context_json = dict(context or {})
         prior = self.population.prior(policy.name)
         shadows = self._shadows_of(policy)
-        shadow_X = {s.name: s.features(tasks) for s in shadows}
+        shadow_inputs = {
+            s.name: (s.features(tasks), self.population.prior(s.name)) for s in shadows
+        }
         event_id = self._event_ids()
         ts = self._clock_ms()
         n = len(candidates)
@@ -214,9 +216,7 @@ class Service:
             p = self.exploration.probabilities(n, greedy)
             shadow_choices = {name: greedy for name in self.shadow_names}
             for s in shadows:
-                pick = s.choose(
-                    shadow_states[s.name], shadow_X[s.name], self.population.prior(s.name)
-                )
+                pick = s.choose(shadow_states[s.name], *shadow_inputs[s.name])
                 shadow_choices[s.name] = pick.index
             agreement = {name: i == greedy for name, i in shadow_choices.items()}
             chosen = candidates[index]
@@ -329,7 +329,7 @@ class Service:
                 return RewardWrite(new_user, None, None)
             if ref.reward is not None and source != "client":
                 return RewardWrite(None, None, ref.event_id)  # a default never overrides
-            on = _task_features(ref.features)
+            on = logged_features(ref.features)
             if event_id is None and ref.reward is not None and not self._late(ref.ts_ms, ts):
                 # Without event_id, as the prototype: each reward is a new observation of
                 # the tip's latest decision, not a repeat of its first.
@@ -611,19 +611,9 @@ def _replayed(policy: Policy, replay: Replay) -> Any:
     """A policy's state learned from scratch on a user's learned rewards."""
     state = policy.initial_state()
     for logged in replay:
-        x = policy.features([_task_features(logged.features)])[0]
+        x = policy.features([logged_features(logged.features)])[0]
         state = policy.update(state, x, logged.reward)
     return state
-
-
-def _task_features(features: Mapping[str, Any]) -> TaskFeatures:
-    """Raw features as logged (a JSON object) as the TaskFeatures they were scored as."""
-    return TaskFeatures(
-        int(features["hour_of_day"]),
-        bool(features["is_overdue"]),
-        float(features["task_age_days"]),
-        int(features["priority"]),
-    )
 
 
 def _floats(v: Vector) -> list[float]:

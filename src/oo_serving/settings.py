@@ -234,8 +234,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _retention_covers_window(self) -> Settings:
-        wait_ms = parse_duration_ms(self.reward_wait)
-        if self.log_retention_days * 86_400_000 < wait_ms:
+        if self.log_retention_ms < self.reward_wait_ms:
             raise ValueError(
                 f"log_retention_days ({self.log_retention_days:g}) must not be shorter than"
                 f" the reward window ({self.reward_wait}): a reward must find its decision"
@@ -245,6 +244,10 @@ class Settings(BaseSettings):
     @property
     def reward_wait_ms(self) -> int:
         return parse_duration_ms(self.reward_wait)
+
+    @property
+    def log_retention_ms(self) -> int:
+        return round(self.log_retention_days * 86_400_000)
 
     @field_validator("policy_split")
     @classmethod

@@ -60,7 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
                             service,
                             settings.sweep_interval_s,
                             default_reward=settings.default_reward,
-                            retention_ms=round(settings.log_retention_days * 86_400_000),
+                            retention_ms=settings.log_retention_ms,
                         )
                     )
                 )

@@ -11,8 +11,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +49,17 @@ class TaskFeatures(NamedTuple):
             "task_age_days": self.task_age_days,
             "priority": self.priority,
         }
+
+
+def logged_features(features: Mapping[str, Any]) -> TaskFeatures:
+    """Raw features as the decision log keeps them (a JSON object, `TaskFeatures.as_dict`)
+    as the TaskFeatures they were scored as."""
+    return TaskFeatures(
+        int(features["hour_of_day"]),
+        bool(features["is_overdue"]),
+        float(features["task_age_days"]),
+        int(features["priority"]),
+    )
 
 
 def feature_matrix(features: Sequence[TaskFeatures]) -> Matrix:

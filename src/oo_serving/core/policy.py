@@ -96,7 +96,10 @@ class Policy(Protocol):
         ...
 
     def propensity(self, choice: Choice) -> float:
-        """P(the policy picks choice.index | its state and X)."""
+        """P(the policy picks choice.index | its state and X): 1.0, because `choose`
+        must be deterministic. The service does not log this value: it logs the
+        probabilities of its exploration (OO_EXPLORATION, core/exploration.py) around
+        the policy's choice, which are exact only for a deterministic `choose`."""
         ...
 
     def update(self, state: Any, x: Vector, reward: float) -> Any:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from oo_serving.core import registry
-from oo_serving.core.features import Matrix, TaskFeatures
+from oo_serving.core.features import Matrix, TaskFeatures, logged_features
 from oo_serving.core.policy import Policy, Pooled
 from oo_serving.evaluation.estimators import Evaluator, LoggedEvent
 from oo_serving.evaluation.result import EvaluationResult
@@ -162,15 +162,10 @@ async def evaluate(
             reward = rewards.of(d, now_ms)
             training = train_until_ms is not None and d.ts_ms < train_until_ms
             if training:
-                if isinstance(reward, float | int) and d.reward is not None and d.learned:
-                    chosen = TaskFeatures(
-                        int(d.features["hour_of_day"]),
-                        bool(d.features["is_overdue"]),
-                        float(d.features["task_age_days"]),
-                        int(d.features["priority"]),
-                    )
+                if d.reward is not None and d.learned:  # what the service learned
+                    chosen = logged_features(d.features)
                     for learner in learners.values():
-                        learner.learn(d.user_id, chosen, float(d.reward))
+                        learner.learn(d.user_id, chosen, d.reward)
                 skipped["training"] += 1
                 continue
             if isinstance(reward, str):

@@ -329,6 +329,8 @@ UNREWARDED_SQL = (
     " AND (ts_ms, user_id, seq) > (?, ?, ?) ORDER BY ts_ms, user_id, seq LIMIT ?"
 )
 """A page of unrewarded decisions (`?`: since, until, then the keyset after, limit)."""
+SWEEP_MARK_SQL = "SELECT until_ms FROM sweep_mark WHERE name = ?"
+"""How far a sweep has gone (`?`: its name)."""
 """The user's learned rewards in the order they were learned: a Replay (`?`: user_id)."""
 
 

@@ -65,6 +65,7 @@ from oo_serving.store.base import (
     POOLED_MAX_SHARDS,
     REF_COLUMNS,
     REPLAY_SQL,
+    SWEEP_MARK_SQL,
     UNREWARDED_SQL,
     USER_COLUMNS,
     DecisionLookup,
@@ -117,6 +118,7 @@ WITH changed AS ({MARK_SQL.replace("?", "%s")} RETURNING 1)
 SELECT 1 / count(*) FROM changed
 """
 _UNREWARDED = UNREWARDED_SQL.replace("?", "%s")
+_SWEEP_MARK = SWEEP_MARK_SQL.replace("?", "%s")
 _SET_SWEEP_MARK = """
 INSERT INTO sweep_mark (name, until_ms) VALUES (%s, %s)
 ON CONFLICT (name) DO UPDATE SET until_ms = greatest(sweep_mark.until_ms, excluded.until_ms)
@@ -524,7 +526,7 @@ class PostgresStore:
 
     async def sweep_mark(self, name: str) -> int | None:
         async def query(conn: Conn) -> int | None:
-            cur = await conn.execute("SELECT until_ms FROM sweep_mark WHERE name = %s", (name,))
+            cur = await conn.execute(_SWEEP_MARK, (name,))
             row = await cur.fetchone()
             return None if row is None else int(row[0])
 

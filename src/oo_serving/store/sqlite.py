@@ -59,6 +59,7 @@ from oo_serving.store.base import (
     POOLED_MAX_SHARDS,
     REF_COLUMNS,
     REPLAY_SQL,
+    SWEEP_MARK_SQL,
     UNREWARDED_SQL,
     USER_COLUMNS,
     DecisionLookup,
@@ -355,7 +356,7 @@ class SQLiteStore:
 
     async def sweep_mark(self, name: str) -> int | None:
         def query(conn: sqlite3.Connection) -> int | None:
-            row = conn.execute("SELECT until_ms FROM sweep_mark WHERE name = ?", (name,)).fetchone()
+            row = conn.execute(SWEEP_MARK_SQL, (name,)).fetchone()
             return None if row is None else int(row[0])
 
         return await self._read(query)
