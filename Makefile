@@ -55,3 +55,20 @@ bench-learning: install
 bench-evaluation: install
 	$(BIN)/python bench/evaluation.py --out docs/evaluation-sim.md
 
+
+# The system Chromium that tests/browser drives (Debian's chromium package). Nothing to do
+# when it is there (/usr/bin/chromium, on PATH, or OO_CHROMIUM); as root it is installed
+# with apt-get; otherwise this says how, and the browser tests skip (on CI they fail).
+.PHONY: browser
+browser:
+	@if [ -n "$${OO_CHROMIUM:-}" ] && [ -x "$${OO_CHROMIUM}" ]; then :; \
+	elif [ -x /usr/bin/chromium ] || command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the browser tests"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && \
+		apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null; \
+	else \
+		echo "the browser tests need Chromium: 'sudo apt-get install chromium'" \
+			"(Debian's package), or OO_CHROMIUM=/path/to/chromium; until then they skip"; \
+	fi

@@ -38,10 +38,12 @@ from oo_serving.errors import ServiceError, Unavailable
 from oo_serving.store.base import (
     DecisionLookup,
     DecisionRecord,
+    DecisionStats,
     HistoryEntry,
     Keyset,
     RewardFn,
     RewardWrite,
+    SavedReport,
     ScoreFn,
     ScoreWrite,
     Store,
@@ -118,6 +120,14 @@ class Metrics:
             buckets=REWARD_BUCKETS,
             registry=r,
         )
+        self.unknown_field_requests = Counter(
+            "oo_requests_with_unknown_fields",
+            "Requests whose body passed validation but held fields the API does not know"
+            " (ignored, and named in a 200's X-Unknown-Fields header), by route. Which"
+            " fields is not a label: a client chooses them.",
+            ["route"],
+            registry=r,
+        )
         self.store_seconds = Histogram(
             "oo_store_operation_duration_seconds",
             "Time a store operation took, waiting for the database included.",
@@ -168,6 +178,10 @@ class Metrics:
         self._child(self.rewards, join, "true" if learned else "false").inc()
         if learned:
             self._child(self.reward_values, join).observe(value)
+
+    def unknown_fields(self, route: str) -> None:
+        """A body held unknown fields; `route` is a route template, never client input."""
+        self._child(self.unknown_field_requests, route).inc()
 
     def store_failed(self, op: str, exc: Exception) -> None:
         # A refusal decided by the service (unknown event, tip mismatch) is an answer, not a
@@ -290,6 +304,20 @@ class InstrumentedStore:
 
     async def pooled(self, policy: str) -> Pooled | None:
         return await self._timed("pooled", self.inner.pooled(policy))
+
+    async def decision_stats(self, since_ms: int, until_ms: int, bucket_ms: int) -> DecisionStats:
+        return await self._timed(
+            "decision_stats", self.inner.decision_stats(since_ms, until_ms, bucket_ms)
+        )
+
+    async def recent_decisions(self, user_id: str, limit: int) -> list[DecisionRecord]:
+        return await self._timed("recent_decisions", self.inner.recent_decisions(user_id, limit))
+
+    async def save_report(self, kind: str, created_ms: int, body: dict[str, Any]) -> int:
+        return await self._timed("save_report", self.inner.save_report(kind, created_ms, body))
+
+    async def latest_report(self, kind: str) -> SavedReport | None:
+        return await self._timed("latest_report", self.inner.latest_report(kind))
 
     async def check(self, *, summed_rewards: bool = False) -> CheckReport:
         # Not timed: a scan of the whole database, run by an operator, would only stretch

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 
+from oo_serving.errors import SchemaNotCurrent
+from oo_serving.settings import Settings
 from oo_serving.store import migrations
+from oo_serving.store.factory import open_store
+from oo_serving.store.postgres import _SCHEMA_TABLE
 from tests.support import oo_serving
 
 pytestmark = pytest.mark.slow
@@ -67,6 +74,56 @@ def test_a_newer_schema_is_refused_by_migrate_and_serve(database_url: str) -> No
         assert f"schema version {newer}" in result.stderr
         assert "upgrade oo-serving" in result.stderr
     assert schema_version(database_url) == newer  # left as it was
+
+
+def apply_migrations_up_to(url: str, version: int) -> None:
+    """The schema as release `version` left it, applied by hand (no `oo-serving migrate`)."""
+    backend = "sqlite" if url.startswith("sqlite") else "postgres"
+    known = migrations.load(backend)[:version]
+    if backend == "sqlite":
+        with closing(sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)) as conn:
+            for migration in known:
+                conn.executescript(migration.sql)
+            conn.execute(f"PRAGMA user_version = {version}")
+        return
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(_SCHEMA_TABLE)
+        for migration in known:
+            conn.execute(migration.sql.encode())
+            conn.execute(
+                "INSERT INTO oo_schema_version (version, name) VALUES (%s, %s)",
+                (migration.version, migration.name),
+            )
+
+
+def test_migration_5_adds_the_report_table_and_check_accepts_it(database_url: str) -> None:
+    apply_migrations_up_to(database_url, 4)
+    settings = Settings(database_url=database_url)
+
+    async def before() -> None:
+        store = open_store(settings)
+        await store.open(migrate=False)  # refused: the schema is not current
+
+    with pytest.raises(SchemaNotCurrent):
+        asyncio.run(before())
+    done = oo_serving("migrate", "--database", database_url)
+    assert done.returncode == 0, done.stderr
+    assert schema_version(database_url) == 5
+
+    async def after() -> tuple[int, Any]:
+        store = open_store(settings)
+        await store.open(migrate=False)
+        try:
+            saved_id = await store.save_report("evaluate", 1, {"verdict": "ok"})
+            return saved_id, await store.latest_report("evaluate")
+        finally:
+            await store.close()
+
+    saved_id, latest = asyncio.run(after())
+    assert latest is not None
+    assert (latest.id, latest.body) == (saved_id, {"verdict": "ok"})
+    checked = oo_serving("check", "--database", database_url)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_serve_refuses_an_unreachable_database_with_a_clear_message(tmp_path: Path) -> None:

@@ -282,3 +282,22 @@ def test_a_client_gone_mid_body_is_a_499_not_a_server_error(server_factory) -> N
     [gone] = [r for r in records if r.get("status") == 499]
     assert gone["method"] == "POST"
     assert gone["level"] == "info"
+
+
+def test_requests_are_labelled_by_route_template_never_by_path(client: httpx.Client) -> None:
+    before = client.get("/metrics").text
+    for path in ("/openapi.json", "/stats/label-probe-1", "/stats/label-probe-2", "/no/such"):
+        client.get(path)
+    after = client.get("/metrics").text
+
+    def grew(route: str, status: str) -> float:
+        labels = {"method": "GET", "route": route, "status": status}
+        return metric(after, "oo_http_requests_total", **labels) - metric(
+            before, "oo_http_requests_total", **labels
+        )
+
+    assert grew("/openapi.json", "200") == 1  # the framework's own route, by its fixed path
+    assert grew("/stats/{user_id}", "200") == 2  # one series for every user
+    assert grew("unmatched", "404") == 1
+    assert "label-probe" not in after
+    assert "/no/such" not in after

@@ -13,7 +13,10 @@ from fastapi import FastAPI
 from oo_serving import __version__, sweep
 from oo_serving.api.auth import Access, KeyRing
 from oo_serving.api.body_limit import BodyLimitMiddleware
+from oo_serving.api.dashboard import dashboard_router
+from oo_serving.api.docs import install_docs
 from oo_serving.api.errors import install_error_handlers
+from oo_serving.api.index import index_router
 from oo_serving.api.observe import ObserveMiddleware
 from oo_serving.api.routes import build_router, install_body_schemas
 from oo_serving.api.schemas import ErrorResponse
@@ -84,6 +87,9 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         # The prototype's clients may send JSON without a Content-Type; read it as JSON.
         strict_content_type=False,
+        # /docs and /redoc are served by api/docs.py from local files, never from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -99,6 +105,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     router, body_models = build_router(service, settings.max_candidates, access, metrics)
     app.include_router(router)
+    app.include_router(dashboard_router(service, settings, ring))
+    install_docs(app)
+    app.include_router(index_router(__version__))
     install_body_schemas(app, body_models, access.security_schemes)
     app.state.service = service
     return app

@@ -75,8 +75,7 @@ class ObserveMiddleware:
             seconds = perf_counter() - start
             if scope.get(CLIENT_GONE_KEY):
                 status = CLIENT_CLOSED_REQUEST
-            # The template without convertors, e.g. /stats/{user_id}; never the path itself.
-            route = getattr(scope.get("route"), "path_format", None) or "unmatched"
+            route = route_label(scope)
             self.metrics.request(scope["method"], route, status, seconds)
             if self.log_requests:
                 self._log(scope, route, status, seconds, request_id)
@@ -119,3 +118,16 @@ def _valid_user_id(user_id: object) -> str | None:
     ):
         return user_id
     return None
+
+
+def route_label(scope: Scope) -> str:
+    """The route a request matched, as metrics and logs name it: the template without
+    convertors (e.g. /stats/{user_id}), never a path that holds a value. A plain route of
+    the framework's own (/openapi.json) records no template; its path is fixed (it has no
+    parameters), so the path itself is the label. Anything else is "unmatched"."""
+    template = getattr(scope.get("route"), "path_format", None)
+    if template:
+        return str(template)
+    if scope.get("endpoint") is not None and scope.get("path_params") == {}:
+        return str(scope["path"])
+    return "unmatched"

@@ -10,7 +10,7 @@ is written. This is the only way state changes, so no update can be lost or half
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -140,6 +140,49 @@ class HistoryEntry:
     event_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class BucketStats:
+    """One policy's decisions logged in one time bucket (Store.decision_stats).
+
+    bucket: the bucket's index, (ts_ms - since_ms) // bucket_ms. rewarded: decisions with
+    a reward (whatever its source); defaulted: those whose reward is the sweep's default
+    (reward_source "default"); reward_sum, reward_sq_sum: the sum of the kept rewards and
+    of their squares; explored: decisions that showed another candidate than the policy's
+    own choice (`greedy` logged and its candidate not the shown tip); reward_min,
+    reward_max: the smallest and largest kept reward (None without any).
+    """
+
+    policy: str
+    bucket: int
+    decisions: int
+    rewarded: int
+    defaulted: int
+    reward_sum: float
+    reward_sq_sum: float
+    explored: int
+    reward_min: float | None = None
+    reward_max: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionStats:
+    """The decision log's counts over a time range: per (policy, bucket), ordered so, and
+    the number of distinct users each policy decided for in the whole range."""
+
+    buckets: tuple[BucketStats, ...]
+    users: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class SavedReport:
+    """A report kept in the database (Store.save_report): `body` is its JSON object."""
+
+    id: int
+    kind: str
+    created_ms: int
+    body: dict[str, Any]
+
+
 @dataclass(frozen=True, slots=True, eq=False)
 class UserExport:
     """Everything stored about one user, as one snapshot: the model, and the decisions
@@ -162,6 +205,8 @@ EXPORT_PAGE_ROWS = 16
 EXPORTS_AT_ONCE = 2
 # Whole-log reads (evaluate, export) fetch this many decisions a page.
 LOG_PAGE_ROWS = 500
+# Reports of one kind kept by save_report; older ones are deleted as new ones arrive.
+REPORTS_KEPT = 50
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -295,6 +340,22 @@ class Store(Protocol):
     async def pooled(self, policy: str) -> Pooled | None:
         """The sum of every pooled row of `policy`; None if there is none."""
 
+    async def decision_stats(self, since_ms: int, until_ms: int, bucket_ms: int) -> DecisionStats:
+        """The counts of the decisions with since_ms <= ts_ms < until_ms, per policy and
+        bucket of bucket_ms (> 0), counted by the database in one pass over the time
+        index: no decision is read into this process."""
+
+    async def recent_decisions(self, user_id: str, limit: int) -> list[DecisionRecord]:
+        """The user's last `limit` decisions, newest first."""
+
+    async def save_report(self, kind: str, created_ms: int, body: dict[str, Any]) -> int:
+        """Keep a report (a JSON object) of `kind`, computed at created_ms; its id. Only
+        the REPORTS_KEPT newest of the kind are kept: older ones are deleted in the same
+        transaction."""
+
+    async def latest_report(self, kind: str) -> SavedReport | None:
+        """The newest report of `kind` (by created_ms, then id), or None."""
+
     async def check(self, *, summed_rewards: bool = False) -> CheckReport:
         """Read every model and decision, in bounded pages and without a write lock, and
         report each broken invariant (oo_serving.check). Safe while serving.
@@ -317,6 +378,7 @@ REPLAY_SQL = (
     "SELECT features, reward FROM decision WHERE user_id = ? AND learned IS TRUE"
     " ORDER BY rewarded_ms, seq"
 )
+"""The user's learned rewards in the order they were learned: a Replay (`?`: user_id)."""
 MARK_SQL = (
     "UPDATE decision SET reward = ?, rewarded_ms = coalesce(rewarded_ms, ?), reward_n = ?,"
     " learned = ?, learned_at = ?, reward_source = coalesce(reward_source, ?)"
@@ -331,7 +393,39 @@ UNREWARDED_SQL = (
 """A page of unrewarded decisions (`?`: since, until, then the keyset after, limit)."""
 SWEEP_MARK_SQL = "SELECT until_ms FROM sweep_mark WHERE name = ?"
 """How far a sweep has gone (`?`: its name)."""
-"""The user's learned rewards in the order they were learned: a Replay (`?`: user_id)."""
+_STATS_SQL = (
+    "SELECT policy, (ts_ms - ?) / ? AS bucket, count(*), count(reward),"
+    " count(CASE WHEN reward_source = 'default' THEN 1 END),"
+    " coalesce(sum(reward), 0), coalesce(sum(reward * reward), 0),"
+    " count(CASE WHEN greedy IS NOT NULL AND tip_id <> {greedy_tip} THEN 1 END),"
+    " min(reward), max(reward)"
+    " FROM decision WHERE ts_ms >= ? AND ts_ms < ?"
+    " GROUP BY policy, bucket ORDER BY policy, bucket"
+)
+STATS_SQL_SQLITE = _STATS_SQL.format(
+    greedy_tip="json_extract(candidate_ids, '$[' || greedy || ']')"
+)
+"""A range's BucketStats rows on SQLite (`?`: since, bucket_ms, since, until); the
+candidate ids are a JSON array there."""
+STATS_SQL_POSTGRES = _STATS_SQL.format(greedy_tip="candidate_ids[greedy + 1]")
+"""As STATS_SQL_SQLITE on PostgreSQL, whose candidate ids are a text[] indexed from 1."""
+STATS_USERS_SQL = (
+    "SELECT policy, count(DISTINCT user_id) FROM decision WHERE ts_ms >= ? AND ts_ms < ?"
+    " GROUP BY policy"
+)
+"""Distinct users per policy over a range (`?`: since, until)."""
+RECENT_SQL = f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = ? ORDER BY seq DESC LIMIT ?"
+"""A user's last decisions, newest first (`?`: user_id, limit)."""
+REPORT_COLUMNS = "id, kind, created_ms, body"
+LATEST_REPORT_SQL = (
+    f"SELECT {REPORT_COLUMNS} FROM report WHERE kind = ? ORDER BY created_ms DESC, id DESC LIMIT 1"
+)
+"""The newest report of a kind (`?`: kind)."""
+TRIM_REPORTS_SQL = (
+    "DELETE FROM report WHERE kind = ? AND id NOT IN"
+    " (SELECT id FROM report WHERE kind = ? ORDER BY created_ms DESC, id DESC LIMIT ?)"
+)
+"""Delete all but the newest reports of a kind (`?`: kind, kind, how many to keep)."""
 
 
 def user_from_row(user_id: str, row: Sequence[Any] | None) -> UserRecord | None:
@@ -410,6 +504,39 @@ def decision_from_row(r: Sequence[Any], *, json_as_text: bool) -> DecisionRecord
         greedy=r[18], shadow=from_json(r[19], json_as_text) or {}, reward_n=r[20],
         learned=bool(r[21]), reward_source=r[22],
     )  # fmt: skip
+
+
+def bucket_stats_from_rows(rows: Sequence[Sequence[Any]]) -> tuple[BucketStats, ...]:
+    """The BucketStats of the rows of STATS_SQL_*."""
+    return tuple(
+        BucketStats(
+            policy=str(r[0]), bucket=int(r[1]), decisions=int(r[2]), rewarded=int(r[3]),
+            defaulted=int(r[4]), reward_sum=float(r[5]), reward_sq_sum=float(r[6]),
+            explored=int(r[7]), reward_min=_optional_float(r[8]),
+            reward_max=_optional_float(r[9]),
+        )
+        for r in rows
+    )  # fmt: skip
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def report_from_row(row: Sequence[Any] | None, *, json_as_text: bool) -> SavedReport | None:
+    """A SavedReport from the REPORT_COLUMNS of a row."""
+    if row is None:
+        return None
+    body = from_json(row[3], json_as_text)
+    return SavedReport(id=int(row[0]), kind=str(row[1]), created_ms=int(row[2]), body=body)
+
+
+def check_stats_range(since_ms: int, until_ms: int, bucket_ms: int) -> None:
+    """ValueError unless the range and bucket of Store.decision_stats make sense."""
+    if bucket_ms <= 0:
+        raise ValueError(f"bucket_ms must be positive, got {bucket_ms}")
+    if until_ms < since_ms:
+        raise ValueError(f"the range ends ({until_ms}) before it starts ({since_ms})")
 
 
 def encode_optional(a: Matrix | Vector | None) -> bytes | None:

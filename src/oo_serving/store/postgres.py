@@ -43,6 +43,7 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from typing import Any, TypeVar
 
 import numpy as np
+import orjson
 import psycopg
 import psycopg.errors
 from psycopg.types.json import Jsonb
@@ -59,29 +60,39 @@ from oo_serving.store.base import (
     EXPORT_PAGE_ROWS,
     EXPORTS_AT_ONCE,
     FOLDED_SHARD,
+    LATEST_REPORT_SQL,
     LOG_PAGE_ROWS,
     MARK_SQL,
     POOLED_FOLD_AFTER_MS,
     POOLED_MAX_SHARDS,
+    RECENT_SQL,
     REF_COLUMNS,
     REPLAY_SQL,
+    REPORTS_KEPT,
+    STATS_SQL_POSTGRES,
+    STATS_USERS_SQL,
     SWEEP_MARK_SQL,
+    TRIM_REPORTS_SQL,
     UNREWARDED_SQL,
     USER_COLUMNS,
     DecisionLookup,
     DecisionRecord,
+    DecisionStats,
     HistoryEntry,
     Keyset,
     LoggedReward,
     ReplayNeeded,
     RewardFn,
     RewardWrite,
+    SavedReport,
     ScoreFn,
     ScoreWrite,
     Slots,
     UserExport,
     UserRecord,
     add_stats,
+    bucket_stats_from_rows,
+    check_stats_range,
     decision_from_row,
     encode_array,
     encode_optional,
@@ -90,6 +101,7 @@ from oo_serving.store.base import (
     ref_from_row,
     refuse_newer,
     replay_from_rows,
+    report_from_row,
     require_current,
     sum_pooled,
     user_from_row,
@@ -130,6 +142,14 @@ INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score,
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 """
 _REPLAY = REPLAY_SQL.replace("?", "%s")
+_STATS = STATS_SQL_POSTGRES.replace("?", "%s")
+_STATS_USERS = STATS_USERS_SQL.replace("?", "%s")
+_RECENT = RECENT_SQL.replace("?", "%s")
+_LATEST_REPORT = LATEST_REPORT_SQL.replace("?", "%s")
+_TRIM_REPORTS = TRIM_REPORTS_SQL.replace("?", "%s")
+_INSERT_REPORT = (
+    "INSERT INTO report (kind, created_ms, body) VALUES (%s, %s, %s::jsonb) RETURNING id"
+)
 # A pooled row is made (empty: count 0, stats zero) before it is locked, as a user's is.
 _ENSURE_POOLED = """
 INSERT INTO pooled (policy, shard, count, stats, updated_ms) VALUES (%s, %s, 0, %s, %s)
@@ -196,6 +216,20 @@ class PostgresStore:
         self._deadline_s = pool_timeout_s + 2 * statement_timeout_ms / 1000 + 1.0
         self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
         self._exports = Slots(EXPORTS_AT_ONCE, self._deadline_s, "exports")
+        self._connect_kwargs: dict[str, Any] = {
+            # Transactions are explicit BEGIN ... COMMIT inside pipelines; a read
+            # outside them is one statement, committed at once.
+            "autocommit": True,
+            "connect_timeout": connect_timeout_s,
+            # Notice a dead peer on an idle or a busy connection within seconds.
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+            "tcp_user_timeout": int(statement_timeout_ms) + 5000,
+            "options": f"-c statement_timeout={int(statement_timeout_ms)}"
+            f" -c lock_timeout={int(statement_timeout_ms)}",
+        }
         self._pool = AsyncConnectionPool(
             conninfo=dsn,
             min_size=pool_min_size,
@@ -203,33 +237,35 @@ class PostgresStore:
             timeout=pool_timeout_s,
             open=False,
             name="oo-serving",
-            kwargs={
-                # Transactions are explicit BEGIN ... COMMIT inside pipelines; a read
-                # outside them is one statement, committed at once.
-                "autocommit": True,
-                "connect_timeout": connect_timeout_s,
-                # Notice a dead peer on an idle or a busy connection within seconds.
-                "keepalives": 1,
-                "keepalives_idle": 5,
-                "keepalives_interval": 2,
-                "keepalives_count": 3,
-                "tcp_user_timeout": int(statement_timeout_ms) + 5000,
-                "options": f"-c statement_timeout={int(statement_timeout_ms)}"
-                f" -c lock_timeout={int(statement_timeout_ms)}",
-            },
+            kwargs=self._connect_kwargs,
         )
 
     # ── lifecycle ────────────────────────────────────────────────────────────
     async def open(self, migrate: bool = True) -> None:
+        wait_s = max(self._pool.timeout, 5.0)
         try:
-            await self._pool.open(wait=True, timeout=max(self._pool.timeout, 5.0))
+            await self._pool.open(wait=True, timeout=wait_s)
         except PoolTimeout as exc:
             await self._pool.close()
-            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+            reason = await self._why_no_connection() or f"no connection within {wait_s:g} s"
+            raise StoreUnavailable(
+                f"cannot connect to PostgreSQL at {redact_url(self.dsn)}: {reason}"
+            ) from exc
         if migrate:
             await self.migrate()
         else:
             await self._require_current()
+
+    async def _why_no_connection(self) -> str | None:
+        """The driver's reason a connection cannot be made (refused, timed out, no such
+        database, password refused), from one direct attempt: a pool that fails to open
+        says only that it timed out. None if the attempt succeeds."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.dsn, **self._connect_kwargs)
+        except psycopg.Error as exc:
+            return _one_line(str(exc))
+        await conn.close()
+        return None
 
     async def close(self) -> None:
         await self._pool.close()
@@ -538,6 +574,50 @@ class PostgresStore:
 
         await self._run(write)
 
+    async def decision_stats(self, since_ms: int, until_ms: int, bucket_ms: int) -> DecisionStats:
+        check_stats_range(since_ms, until_ms, bucket_ms)
+
+        async def query(conn: Conn) -> DecisionStats:
+            # One snapshot for both statements, so that the users match the counts.
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                cur = await conn.execute(_STATS, (since_ms, bucket_ms, since_ms, until_ms))
+                rows = await cur.fetchall()
+                cur = await conn.execute(_STATS_USERS, (since_ms, until_ms))
+                users = {r[0]: int(r[1]) for r in await cur.fetchall()}
+            return DecisionStats(bucket_stats_from_rows(rows), users)
+
+        return await self._run(query)
+
+    async def recent_decisions(self, user_id: str, limit: int) -> list[DecisionRecord]:
+        async def query(conn: Conn) -> list[DecisionRecord]:
+            cur = await conn.execute(_RECENT, (user_id, limit))
+            return [decision_from_row(r, json_as_text=False) for r in await cur.fetchall()]
+
+        return await self._run(query)
+
+    async def save_report(self, kind: str, created_ms: int, body: dict[str, Any]) -> int:
+        # orjson, as on SQLite: the same text on both backends, and NaN refused as null.
+        text = orjson.dumps(body).decode()
+
+        async def write(conn: Conn) -> int:
+            async with conn.transaction():
+                cur = await conn.execute(_INSERT_REPORT, (kind, created_ms, text))
+                row = await cur.fetchone()
+                await conn.execute(_TRIM_REPORTS, (kind, kind, REPORTS_KEPT))
+            if row is None:
+                raise StoreUnavailable("could not save the report: no row was inserted")
+            return int(row[0])
+
+        return await self._run(write)
+
+    async def latest_report(self, kind: str) -> SavedReport | None:
+        async def query(conn: Conn) -> SavedReport | None:
+            cur = await conn.execute(_LATEST_REPORT, (kind,))
+            return report_from_row(await cur.fetchone(), json_as_text=False)
+
+        return await self._run(query)
+
     # ── plumbing ─────────────────────────────────────────────────────────────
     async def _user_write(self, user_id: str, body: Callable[[Conn], Awaitable[T]]) -> T:
         """Run a write of user_id's: its turn in this process, then the transaction, all
@@ -728,6 +808,17 @@ async def _fold_pooled(
             (policy, [r[0] for r in stale]),
         ),
     ]
+
+
+def _one_line(message: str) -> str:
+    """libpq's message, which spans lines (a hint indented below), as one sentence-like
+    line for a log or a terminal."""
+    text = ""
+    for line in message.splitlines():
+        part = " ".join(line.split())
+        if part:
+            text = f"{text}{'' if text[-1:] in ('', '.', '?', '!', ':', ';') else '.'} {part}"
+    return text.strip()
 
 
 @contextmanager

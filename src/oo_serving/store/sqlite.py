@@ -53,29 +53,39 @@ from oo_serving.store.base import (
     EXPORT_PAGE_ROWS,
     EXPORTS_AT_ONCE,
     FOLDED_SHARD,
+    LATEST_REPORT_SQL,
     LOG_PAGE_ROWS,
     MARK_SQL,
     POOLED_FOLD_AFTER_MS,
     POOLED_MAX_SHARDS,
+    RECENT_SQL,
     REF_COLUMNS,
     REPLAY_SQL,
+    REPORTS_KEPT,
+    STATS_SQL_SQLITE,
+    STATS_USERS_SQL,
     SWEEP_MARK_SQL,
+    TRIM_REPORTS_SQL,
     UNREWARDED_SQL,
     USER_COLUMNS,
     DecisionLookup,
     DecisionRecord,
+    DecisionStats,
     HistoryEntry,
     Keyset,
     LoggedReward,
     ReplayNeeded,
     RewardFn,
     RewardWrite,
+    SavedReport,
     ScoreFn,
     ScoreWrite,
     Slots,
     UserExport,
     UserRecord,
     add_stats,
+    bucket_stats_from_rows,
+    check_stats_range,
     decision_from_row,
     encode_array,
     encode_optional,
@@ -84,6 +94,7 @@ from oo_serving.store.base import (
     ref_from_row,
     refuse_newer,
     replay_from_rows,
+    report_from_row,
     require_current,
     sum_pooled,
     user_from_row,
@@ -161,12 +172,22 @@ class SQLiteStore:
     # ── lifecycle ────────────────────────────────────────────────────────────
     async def open(self, migrate: bool = True) -> None:
         if migrate:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                reason = exc.strerror or exc
+                raise StoreUnavailable(
+                    f"cannot create the folder of {self.path}: {reason}"
+                ) from exc
         self._readers = ThreadPoolExecutor(self._read_threads, thread_name_prefix="oo-sqlite-read")
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(
             self._readers, self.migrate if migrate else self._require_current
         )
+        # A reader's connection, open from now until close(), holds the WAL's shared
+        # lock: however idle, an open store shows that the database is in use, which
+        # `oo-serving restore` checks before it replaces the file.
+        await self._read(self._schema_version)
         self._writer = _GroupCommitWriter(
             self._new_connection, self.lock_path, self._busy_timeout_ms / 1000
         )
@@ -366,6 +387,48 @@ class SQLiteStore:
             conn.execute(_SET_SWEEP_MARK, (name, until_ms))
 
         await self._write(write)
+
+    async def decision_stats(self, since_ms: int, until_ms: int, bucket_ms: int) -> DecisionStats:
+        check_stats_range(since_ms, until_ms, bucket_ms)
+
+        def query(conn: sqlite3.Connection) -> DecisionStats:
+            # One snapshot for both statements, so that the users match the counts.
+            with _transaction(conn, "DEFERRED"):
+                rows = conn.execute(
+                    STATS_SQL_SQLITE, (since_ms, bucket_ms, since_ms, until_ms)
+                ).fetchall()
+                users = conn.execute(STATS_USERS_SQL, (since_ms, until_ms)).fetchall()
+            return DecisionStats(bucket_stats_from_rows(rows), {r[0]: int(r[1]) for r in users})
+
+        return await self._read(query)
+
+    async def recent_decisions(self, user_id: str, limit: int) -> list[DecisionRecord]:
+        def query(conn: sqlite3.Connection) -> list[DecisionRecord]:
+            rows = conn.execute(RECENT_SQL, (user_id, limit)).fetchall()
+            return [decision_from_row(r, json_as_text=True) for r in rows]
+
+        return await self._read(query)
+
+    async def save_report(self, kind: str, created_ms: int, body: dict[str, Any]) -> int:
+        text = orjson.dumps(body).decode()
+
+        def write(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "INSERT INTO report (kind, created_ms, body) VALUES (?, ?, ?)",
+                (kind, created_ms, text),
+            )
+            _expect_one(cursor.rowcount, "save the report")
+            conn.execute(TRIM_REPORTS_SQL, (kind, kind, REPORTS_KEPT))
+            return int(cursor.lastrowid or 0)
+
+        return await self._write(write)
+
+    async def latest_report(self, kind: str) -> SavedReport | None:
+        def query(conn: sqlite3.Connection) -> SavedReport | None:
+            row = conn.execute(LATEST_REPORT_SQL, (kind,)).fetchone()
+            return report_from_row(row, json_as_text=True)
+
+        return await self._read(query)
 
     # ── the write bodies, run on the writer thread inside BEGIN IMMEDIATE ────
     def _score(self, user_id: str, fn: ScoreFn, conn: sqlite3.Connection) -> ScoreWrite:
