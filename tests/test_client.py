@@ -64,11 +64,30 @@ def test_score_reward_stats_round_trip(server: Server, user_id: str) -> None:
 
         ack = oo.reward(user_id, 1.0, event_id=decision.event_id)
         assert ack == RewardAck(
-            ok=True, learned=True, event_id=decision.event_id, kept=1.0, late=False
+            ok=True,
+            learned=True,
+            event_id=decision.event_id,
+            kept=1.0,
+            late=False,
+            received=1.0,
+            repeat=False,
+            reward_n=1,
+            aggregation=None,
         )
-        # A repeat is safe: the default aggregation keeps the first.
-        again = oo.reward(user_id, 1.0, event_id=decision.event_id, tip_id=decision.tip_id)
-        assert again.learned is False
+        # A repeat is safe: the default aggregation keeps the first, and the answer says
+        # so, the value sent beside the one kept.
+        again = oo.reward(user_id, -1.0, event_id=decision.event_id, tip_id=decision.tip_id)
+        assert again == RewardAck(
+            ok=True,
+            learned=False,
+            event_id=decision.event_id,
+            kept=1.0,
+            late=False,
+            received=-1.0,
+            repeat=True,
+            reward_n=2,
+            aggregation="first",
+        )
 
         stats = oo.stats(user_id)
         assert isinstance(stats, Stats)
@@ -132,6 +151,22 @@ def test_missing_fields_without_event_id_are_named(server: Server, user_id: str)
         oo.reward(user_id, 1.0)
     assert ["body", "tip_id"] in caught.value.locs
     assert ["body", "features"] in caught.value.locs
+
+
+def test_values_are_sent_as_given_so_a_wrong_type_is_refused(server: Server, user_id: str) -> None:
+    """The client does not coerce: a caller's `True` for a reward, or `"9"` for an hour,
+    reaches the server as JSON true and "9", which it refuses, naming the field."""
+    with Client(server.base_url) as oo:
+        with pytest.raises(ValidationError) as caught:
+            oo.reward(user_id, True, tip_id="task-1", features={})
+        assert caught.value.locs == [["body", "reward"]]
+        with pytest.raises(ValidationError) as caught:
+            oo.score(user_id, CANDIDATES, context={"hour_of_day": "9"})
+        assert caught.value.locs == [["body", "context", "hour_of_day"]]
+        assert oo.stats(user_id).pulls == 0
+        # Integers and floats are JSON numbers, whichever Python type carries them.
+        decision = oo.score(user_id, CANDIDATES, context={"hour_of_day": 9.0, "day_of_week": 1})
+        assert oo.reward(user_id, 1, event_id=decision.event_id).kept == 1.0
 
 
 def test_an_unknown_event_id_is_not_found(server: Server, user_id: str) -> None:
@@ -296,11 +331,19 @@ def test_retry_policy_reward_without_event_id_is_not_retried_after_a_drop() -> N
 
 
 def test_retry_policy_reward_with_event_id_is_retried_after_a_read_timeout() -> None:
+    # An older server's answer, without received, repeat, reward_n and aggregation.
     ack = {"ok": True, "learned": True, "event_id": "e-1", "kept": 1.0, "late": False}
     script = Script(httpx.ReadTimeout("slow"), httpx.Response(200, json=ack))
     oo, _ = scripted(script)
     with oo:
-        assert oo.reward("u", 1.0, event_id="e-1").learned
+        answer = oo.reward("u", 1.0, event_id="e-1")
+    assert answer == RewardAck(ok=True, learned=True, event_id="e-1", kept=1.0, late=False)
+    assert (answer.received, answer.repeat, answer.reward_n, answer.aggregation) == (
+        None,
+        False,
+        None,
+        None,
+    )
     assert script.attempts == 2
 
 

@@ -230,25 +230,43 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class RewardAck:
-    """The answer of `POST /reward`: what happened to the reward."""
+    """The answer of `POST /reward`: what happened to the reward.
+
+    `kept` is the value the decision keeps; for a `repeat` (the decision had a reward
+    already, `reward_n` counts them) it is chosen by `aggregation` and may differ from
+    `received`, the value sent: under `first`, a second value is not kept. A retried call
+    that had reached the server answers `repeat=True` too. Fields the server did not send
+    (an older server) take their defaults.
+    """
 
     ok: bool
     learned: bool
     event_id: str | None
     kept: float | None = None
     late: bool = False
+    received: float | None = None
+    repeat: bool = False
+    reward_n: int | None = None
+    aggregation: str | None = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RewardAck:
         """From the answer's JSON; unknown fields are ignored."""
         event_id = data.get("event_id")
         kept = data.get("kept")
+        received = data.get("received")
+        reward_n = data.get("reward_n")
+        aggregation = data.get("aggregation")
         return cls(
             ok=bool(data.get("ok", True)),
             learned=bool(data["learned"]),
             event_id=None if event_id is None else str(event_id),
             kept=None if kept is None else float(kept),
             late=bool(data.get("late", False)),
+            received=None if received is None else float(received),
+            repeat=bool(data.get("repeat", False)),
+            reward_n=None if reward_n is None else int(reward_n),
+            aggregation=None if aggregation is None else str(aggregation),
         )
 
 

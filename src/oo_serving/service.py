@@ -111,13 +111,19 @@ class RewardResult:
     event_id: the decision the reward was joined to; None when it was learned on the
     features in the request because no logged decision matched. kept: the reward the
     decision now keeps under the aggregation rule. late: it came after the reward
-    window: stored, not learned.
+    window: stored, not learned, and, for a repeat, changing nothing learned. reward_n:
+    how many rewards the decision has received, this one included (None: no decision's
+    reward columns were written). repeat: the decision had a reward already, and
+    `aggregation` is the rule that combined them (None when not a repeat).
     """
 
     learned: bool
     event_id: str | None
     kept: float | None = None
     late: bool = False
+    reward_n: int | None = None
+    repeat: bool = False
+    aggregation: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,11 +309,14 @@ class Service:
         shadows = self._shadows_of(policy)
         ts = self._clock_ms()
         learned: list[tuple[TaskFeatures, float, float | None]] = []  # (on, new, old)
+        late = False  # this reward came after its decision's window
 
         def learn(
             user: UserRecord | None, ref: DecisionRef | None, replay: Replay | None
         ) -> RewardWrite:
+            nonlocal late
             learned.clear()
+            late = False
             if event_id is not None:
                 if ref is None:
                     raise UnknownEvent(
@@ -380,11 +389,15 @@ class Service:
             else:
                 self.population.correct(on, old, new)
         mark = write.mark
+        repeat = mark is not None and mark.reward_n > 1
         return RewardResult(
             learned=write.user is not None,
             event_id=write.matched_event,
             kept=mark.reward if mark is not None else (reward if write.user else None),
-            late=mark is not None and not mark.learned,
+            late=late,
+            reward_n=None if mark is None else mark.reward_n,
+            repeat=repeat,
+            aggregation=self.aggregation if repeat else None,
         )
 
     async def sweep_default_rewards(

@@ -452,7 +452,17 @@ def test_reward_with_event_id_learns_once(client: httpx.Client, user_id: str) ->
     ev = out["event_id"]
     r = reward(client, user_id, "t", 1.0, event_id=ev)
     assert r.status_code == 200
-    assert r.json() == {"ok": True, "learned": True, "event_id": ev, "kept": 1.0, "late": False}
+    assert r.json() == {
+        "ok": True,
+        "learned": True,
+        "event_id": ev,
+        "kept": 1.0,
+        "late": False,
+        "received": 1.0,
+        "repeat": False,
+        "reward_n": 1,
+        "aggregation": None,
+    }
     s = stats(client, user_id)
     assert s["reward_count"] == 1
     assert s["cumulative_reward"] == 1.0
@@ -461,15 +471,20 @@ def test_reward_with_event_id_learns_once(client: httpx.Client, user_id: str) ->
 
     before_stats = client.get(f"/stats/{user_id}").content
     before_history = client.get(f"/features/{user_id}").content
-    for value in (1.0, -1.0):
+    for n, value in [(2, 1.0), (3, -1.0)]:
         r = reward(client, user_id, "t", value, event_id=ev)
         assert r.status_code == 200
+        # A repeat says so: the value sent, and the first one, which `first` keeps.
         assert r.json() == {
             "ok": True,
             "learned": False,
             "event_id": ev,
             "kept": 1.0,
             "late": False,
+            "received": value,
+            "repeat": True,
+            "reward_n": n,
+            "aggregation": "first",
         }
     assert client.get(f"/stats/{user_id}").content == before_stats
     assert client.get(f"/features/{user_id}").content == before_history
@@ -494,7 +509,8 @@ def test_reward_other_users_event_is_404(client: httpx.Client, user_id: str) -> 
     assert client.get(f"/stats/{thief}").content == thief_before
     # The owner's decision was not consumed.
     r = reward(client, owner, "t", 1.0, event_id=ev)
-    assert r.json() == {"ok": True, "learned": True, "event_id": ev, "kept": 1.0, "late": False}
+    assert r.json()["learned"] is True
+    assert (r.json()["event_id"], r.json()["reward_n"]) == (ev, 1)
 
 
 def test_reward_wrong_tip_is_409(client: httpx.Client, user_id: str) -> None:
@@ -511,6 +527,10 @@ def test_reward_wrong_tip_is_409(client: httpx.Client, user_id: str) -> None:
         "event_id": out["event_id"],
         "kept": 1.0,
         "late": False,
+        "received": 1.0,
+        "repeat": False,
+        "reward_n": 1,
+        "aggregation": None,
     }
 
 
@@ -528,6 +548,10 @@ def test_reward_without_event_id_joins_latest_decision_for_tip(
         "event_id": latest["event_id"],
         "kept": 0.5,
         "late": False,
+        "received": 0.5,
+        "repeat": False,
+        "reward_n": 1,
+        "aggregation": None,
     }
     s = stats(client, user_id)
     assert s["reward_count"] == 1
@@ -541,7 +565,17 @@ def test_reward_without_any_decision_learns_on_body_features(
     f = feats(hour=7, overdue=True, age=40.0, priority=3)
     r = reward(client, user_id, "never-scored", -1.0, f)
     assert r.status_code == 200
-    assert r.json() == {"ok": True, "learned": True, "event_id": None, "kept": -1.0, "late": False}
+    assert r.json() == {
+        "ok": True,
+        "learned": True,
+        "event_id": None,
+        "kept": -1.0,
+        "late": False,
+        "received": -1.0,
+        "repeat": False,
+        "reward_n": None,
+        "aggregation": None,
+    }
     s = stats(client, user_id)
     assert s["pulls"] == 0
     assert s["reward_count"] == 1
@@ -556,7 +590,17 @@ def test_reward_for_tip_never_chosen_uses_body_features(client: httpx.Client, us
     score(client, user_id, [cand("chosen", priority=4), cand("passed-over")], hour=9)
     r = reward(client, user_id, "passed-over", 1.0, feats(hour=20, priority=2))
     assert r.status_code == 200
-    assert r.json() == {"ok": True, "learned": True, "event_id": None, "kept": 1.0, "late": False}
+    assert r.json() == {
+        "ok": True,
+        "learned": True,
+        "event_id": None,
+        "kept": 1.0,
+        "late": False,
+        "received": 1.0,
+        "repeat": False,
+        "reward_n": None,
+        "aggregation": None,
+    }
     expected = closed_form_theta([(x_of(20, priority=2), 1.0)])
     np.testing.assert_allclose(stats(client, user_id)["theta"], expected, rtol=0, atol=1e-9)
 

@@ -68,6 +68,10 @@ def test_a_reward_with_event_id_needs_neither_tip_nor_features(
         "event_id": decision["event_id"],
         "kept": -0.5,
         "late": False,
+        "received": -0.5,
+        "repeat": False,
+        "reward_n": 1,
+        "aggregation": None,
     }
 
     stats = client.get(f"/stats/{user_id}").json()
@@ -85,6 +89,10 @@ def test_a_reward_with_event_id_needs_neither_tip_nor_features(
         "event_id": decision["event_id"],
         "kept": -0.5,
         "late": False,
+        "received": -0.5,
+        "repeat": True,
+        "reward_n": 2,
+        "aggregation": "first",
     }
     # The repeat is counted in the log, and changes nothing else: not the model, not the
     # kept reward.

@@ -169,6 +169,10 @@ def test_random_sequence_matches_reference(client: httpx.Client, user_id: str, s
                 "event_id": out["event_id"],
                 "kept": value,
                 "late": False,
+                "received": value,
+                "repeat": False,
+                "reward_n": 1,
+                "aggregation": None,
             }
             ref.reward(features, value)
         if rng.random() < 0.1:
@@ -191,6 +195,10 @@ def test_random_sequence_matches_reference(client: httpx.Client, user_id: str, s
                 "event_id": None,
                 "kept": value,
                 "late": False,
+                "received": value,
+                "repeat": False,
+                "reward_n": None,
+                "aggregation": None,
             }
             ref.reward(features, value)
 

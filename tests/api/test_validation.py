@@ -196,6 +196,47 @@ def _cases() -> list[Any]:
     add("/score", ("candidates", 0, "source"), 3, "candidate-source-int")
     add("/score", ("candidates", 1, "source_id"), 42, "candidate-source-id-int")
     add("/score", ("candidates", 1), "t2", "candidate-str")
+    cases += _type_cases()
+    return cases
+
+
+def _type_cases() -> list[Any]:
+    """A value of another JSON type than the field's, which the prototype coerced: a string
+    or a boolean for a number, a number or a string for a boolean, a number for a string."""
+    cases: list[Any] = []
+
+    def add(endpoint: str, path: tuple[str | int, ...], value: Any, name: str) -> None:
+        cases.append(pytest.param(endpoint, path, value, id=f"{endpoint[1:]}-type-{name}"))
+
+    for value, name in [(True, "true"), (False, "false"), ("1", "str-1"), ("1.0", "str-1.0")]:
+        add("/reward", ("reward",), value, f"reward-{name}")
+    wrong_for_feature: list[tuple[str, Any, str]] = [
+        ("hour_of_day", "9", "hour-str-9"),
+        ("hour_of_day", True, "hour-true"),
+        ("hour_of_day", 1e300, "hour-huge-float"),
+        ("priority", "4", "priority-str-4"),
+        ("priority", True, "priority-true"),
+        ("task_age_days", "3", "age-str-3"),
+        ("task_age_days", True, "age-true"),
+        ("is_overdue", "yes", "overdue-yes"),
+        ("is_overdue", "true", "overdue-str-true"),
+        ("is_overdue", 1, "overdue-1"),
+        ("is_overdue", 0, "overdue-0"),
+        ("is_overdue", 1.0, "overdue-1.0"),
+    ]
+    for field, value, name in wrong_for_feature:
+        add("/score", ("candidates", 0, "features", field), value, f"candidate-{name}")
+        add("/reward", ("features", field), value, name)
+    for value, name in [("9", "str-9"), (True, "true"), (9.5, "fraction")]:
+        add("/score", ("context", "hour_of_day"), value, f"context-hour-{name}")
+    add("/score", ("context", "day_of_week"), False, "context-day-false")
+    add("/score", ("context", "day_of_week"), "1", "context-day-str")
+    add("/score", ("explain",), 1, "explain-1")
+    add("/score", ("explain",), "true", "explain-str")
+    add("/score", ("candidates", 0, "id"), 1, "candidate-id-int")
+    add("/score", ("candidates", 0, "content"), True, "candidate-content-true")
+    add("/reward", ("tip_id",), True, "tip-id-true")
+    add("/reward", ("user_id",), 42.0, "user-id-float")
     return cases
 
 

@@ -274,6 +274,10 @@ def test_a_reward_after_the_window_is_stored_not_learned(server_factory) -> None
             "event_id": decision["event_id"],
             "kept": 1.0,
             "late": True,
+            "received": 1.0,
+            "repeat": False,
+            "reward_n": 1,
+            "aggregation": None,
         }
         after = client.get(f"/stats/{user}").json()
         assert after["reward_count"] == before["reward_count"] == 0

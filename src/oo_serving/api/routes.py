@@ -31,6 +31,8 @@ from oo_serving.api.schemas import (
     refuse_dot_segments,
     score_request_model,
 )
+from oo_serving.api.unknown_fields import HEADER as UNKNOWN_FIELDS_HEADER
+from oo_serving.api.unknown_fields import UnknownFields
 from oo_serving.core.features import TaskFeatures
 from oo_serving.metrics import CONTENT_TYPE, Metrics
 from oo_serving.service import Candidate, Service
@@ -86,6 +88,20 @@ BODY_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+# A 200 of /score and /reward may name the body's unknown fields.
+ACCEPTED_WITH_UNKNOWN_FIELDS: dict[str, Any] = {
+    "headers": {
+        UNKNOWN_FIELDS_HEADER: {
+            "description": "Present when the body held fields the API does not know (they"
+            " were ignored): their dotted paths, e.g. `candidates[].featrues, extra`, at most"
+            " 10, each key percent-encoded outside A-Z a-z 0-9 _ - ~, a final `...` when"
+            " there were more.",
+            "schema": {"type": "string"},
+        }
+    }
+}
+
+
 def _task_features(f: CandidateFeatures) -> TaskFeatures:
     return TaskFeatures(f.hour_of_day, f.is_overdue, f.task_age_days, f.priority)
 
@@ -123,12 +139,47 @@ async def parse_body(request: Request, model: type[M]) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise RequestValidationError(
-            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_input=False)]
+            [_body_error(e) for e in exc.errors(include_url=False)]
         ) from exc
+
+
+# The errors of a value of the wrong JSON type: their message says which type came.
+_TYPE_ERRORS = frozenset({"int_type", "float_type", "bool_type", "string_type"})
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, int | float):
+        return "a number"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _body_error(error: Any) -> dict[str, Any]:
+    """A pydantic error as the API reports it: located in the body, its input left out,
+    and, for a value of the wrong type, the JSON type that came instead."""
+    value = error.pop("input", None)
+    if error["type"] in _TYPE_ERRORS:
+        got = _json_type(value)
+        if error["type"] == "int_type" and got == "a number":
+            got = "a number too large to be an exact integer"  # beyond ±2**53
+        error["msg"] = f"{error['msg']}, got {got}"
+    error["loc"] = ("body", *error["loc"])
+    return dict(error)
 
 
 def json_response(content: dict[str, Any]) -> Response:
     return Response(orjson.dumps(content), media_type="application/json")
+
+
+def name_unknown_fields(response: Response, unknown: UnknownFields) -> Response:
+    if unknown:
+        response.headers[UNKNOWN_FIELDS_HEADER] = unknown.header()
+    return response
 
 
 def install_body_schemas(
@@ -201,26 +252,36 @@ def build_router(
         "/score",
         tags=["decisions"],
         response_model=ScoreResponse,
-        **access.route("decide", BODY_ERRORS, json_body(ScoreRequest)),
+        **access.route(
+            "decide", {200: ACCEPTED_WITH_UNKNOWN_FIELDS, **BODY_ERRORS}, json_body(ScoreRequest)
+        ),
     )
     async def score(request: Request) -> Response:
         """Choose the tip to show. Every candidate is scored at `context.hour_of_day`.
 
         The decision is logged with its `event_id`, probability and every candidate
         offered; send the `event_id` back with the reward.
+
+        Fields the API does not know are ignored, and named in `X-Unknown-Fields`.
         """
         body = await parse_body(request, ScoreRequest)
         request.scope[USER_ID_KEY] = body.user_id
+        unknown = UnknownFields()
+        unknown.add("", body.__pydantic_extra__)
+        unknown.add("context.", body.context.__pydantic_extra__)
         hour = body.context.hour_of_day
-        candidates = [
-            Candidate(
-                c.id,
-                TaskFeatures(
-                    hour, c.features.is_overdue, c.features.task_age_days, c.features.priority
-                ),
+        candidates = []
+        for c in body.candidates:  # type: ignore[attr-defined]
+            f = c.features
+            # The one walk over the candidates: their unknown fields are looked at here.
+            if c.__pydantic_extra__ or f.__pydantic_extra__:
+                unknown.add("candidates[].", c.__pydantic_extra__)
+                unknown.add("candidates[].features.", f.__pydantic_extra__)
+            candidates.append(
+                Candidate(c.id, TaskFeatures(hour, f.is_overdue, f.task_age_days, f.priority))
             )
-            for c in body.candidates  # type: ignore[attr-defined]
-        ]
+        if unknown:
+            metrics.unknown_fields("/score")
         context = {"hour_of_day": hour, "day_of_week": body.context.day_of_week}
         result = await service.score(
             body.user_id,
@@ -243,7 +304,7 @@ def build_router(
                 "contributions": result.explanation.contributions,
                 "exploration_bonus": result.explanation.exploration_bonus,
             }
-        return json_response(answer)
+        return name_unknown_fields(json_response(answer), unknown)
 
     @router.post(
         "/reward",
@@ -252,6 +313,7 @@ def build_router(
         **access.route(
             "decide",
             {
+                200: ACCEPTED_WITH_UNKNOWN_FIELDS,
                 **BODY_ERRORS,
                 404: {
                     "model": ErrorResponse,
@@ -275,10 +337,21 @@ def build_router(
 
         A reward later than the reward window (OO_REWARD_WAIT) after its decision is
         stored, not learned (`late: true`). Several rewards for one decision are kept by
-        OO_REWARD_AGGREGATION (`kept`); `learned` says whether the model changed.
+        OO_REWARD_AGGREGATION: a repeat answers `repeat: true`, how many rewards the
+        decision has had (`reward_n`), the rule (`aggregation`) and the value it keeps
+        (`kept`), which may differ from the one sent (`received`); `learned` says whether
+        the model changed.
+
+        Fields the API does not know are ignored, and named in `X-Unknown-Fields`.
         """
         body = await parse_body(request, RewardRequest)
         request.scope[USER_ID_KEY] = body.user_id
+        unknown = UnknownFields()
+        unknown.add("", body.__pydantic_extra__)
+        if body.features is not None:
+            unknown.add("features.", body.features.__pydantic_extra__)
+        if unknown:
+            metrics.unknown_fields("/reward")
         result = await service.reward(
             body.user_id,
             body.tip_id,
@@ -291,15 +364,18 @@ def build_router(
         else:
             join = "request_features" if result.event_id is None else "latest_decision"
         metrics.reward(join, result.learned, body.reward)
-        return json_response(
-            {
-                "ok": True,
-                "learned": result.learned,
-                "event_id": result.event_id,
-                "kept": result.kept,
-                "late": result.late,
-            }
-        )
+        answer = {
+            "ok": True,
+            "learned": result.learned,
+            "event_id": result.event_id,
+            "kept": result.kept,
+            "late": result.late,
+            "received": body.reward,
+            "repeat": result.repeat,
+            "reward_n": result.reward_n,
+            "aggregation": result.aggregation,
+        }
+        return name_unknown_fields(json_response(answer), unknown)
 
     @router.post(
         "/reset/{user_id:whole}",
@@ -347,7 +423,8 @@ def build_router(
             history=[
                 HistoryItem(
                     ts=format_ts(e.ts_ms),
-                    features=CandidateFeatures.model_validate(e.features),
+                    # As logged by this service; lax, for rows of any earlier version.
+                    features=CandidateFeatures.model_validate(e.features, strict=False),
                     score=e.score,
                     tip_id=e.tip_id,
                     event_id=e.event_id,

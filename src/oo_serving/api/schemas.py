@@ -2,6 +2,13 @@
 
 Field names and defaults are the prototype's wire contract; the constraints are new and
 appear in the OpenAPI schema so that a client can read every limit there.
+
+Request bodies take JSON types as they are, unlike the prototype, which coerced: a number
+must be a JSON number (an integer one with no fractional part, `9` or `9.0`), a boolean
+`true` or `false`, a string a JSON string. `"9"`, `"yes"` or `true` for a number are
+refused with 422, so a client's type bug is seen instead of learned. Fields a request model
+does not know are kept aside (`extra="allow"`), not refused: the routes count them and name
+them in the answer (see `api/unknown_fields.py`).
 """
 
 from __future__ import annotations
@@ -15,11 +22,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     create_model,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
 
 USER_ID_PATTERN = r"^[A-Za-z0-9\-._~:@+=]+$"
 USER_ID_MAX_LENGTH = 256
@@ -66,8 +76,50 @@ TipId = Annotated[
         description="The tip's id, 1–256 characters, no NUL (U+0000).",
     ),
 ]
-HourOfDay = Annotated[int, Field(ge=0, le=23, description="Hour of the day, 0–23.")]
-Priority = Annotated[int, Field(ge=1, le=4, description="Todoist priority, 1 (lowest) to 4.")]
+# Beyond 2**53 a double no longer holds every integer, so JSON parsers disagree on them.
+INTEGRAL_FLOAT_LIMIT = 2.0**53
+
+
+class JsonInteger:
+    """Metadata for an `int` field: a JSON integer, written `9` or `9.0`, and nothing else.
+
+    JSON has one number type, and JSON Schema's `integer` is any number with no fractional
+    part, so `9.0` (as many serialisers write a float) is accepted as 9; `9.5`, `"9"`,
+    `true` and `null` are refused. Done in pydantic-core, with no Python call per value:
+    a strict gate (a JSON integer, else a JSON number within ±2**53) then the field's own
+    int validation, lax only there so that it turns an integral float into an int. The
+    schema stays the field's own: `integer` with its bounds.
+
+    Put it after the field's `Field(...)`, whose constraints it keeps.
+    """
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        field = handler(source)
+        gate = core_schema.union_schema(
+            [
+                core_schema.int_schema(strict=True),
+                core_schema.float_schema(
+                    strict=True, ge=-INTEGRAL_FLOAT_LIMIT, le=INTEGRAL_FLOAT_LIMIT
+                ),
+            ],
+            mode="left_to_right",
+            custom_error_type="int_type",  # one error, "Input should be a valid integer"
+        )
+        return core_schema.chain_schema([gate, {**field, "strict": False}])
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        assert schema["type"] == "chain"
+        return handler(schema["steps"][1])
+
+
+HourOfDay = Annotated[int, Field(ge=0, le=23, description="Hour of the day, 0–23."), JsonInteger()]
+Priority = Annotated[
+    int, Field(ge=1, le=4, description="Todoist priority, 1 (lowest) to 4."), JsonInteger()
+]
 TaskAgeDays = Annotated[
     float,
     Field(
@@ -109,10 +161,16 @@ def format_ts_ms(ms: int) -> str:
     return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(ms // 1000))}.{ms % 1000:03d}Z"
 
 
-class _Body(BaseModel):
-    """Requests ignore unknown fields, as the prototype did."""
+# Shared by every request model. `strict`: JSON types as they are, no coercion. `extra`:
+# unknown fields are accepted, as the prototype accepted them, and kept in
+# `__pydantic_extra__` for the route to name (never used otherwise).
+BODY_CONFIG = ConfigDict(extra="allow", strict=True)
 
-    model_config = ConfigDict(extra="ignore")
+
+class _Body(BaseModel):
+    """A request body: strict JSON types; unknown fields accepted and kept aside."""
+
+    model_config = BODY_CONFIG
 
 
 class CandidateFeatures(_Body):
@@ -136,8 +194,9 @@ class Context(_Body):
     hour_of_day: Annotated[
         int,
         Field(ge=0, le=23, description="Hour of the day, 0–23; every candidate is scored at it."),
+        JsonInteger(),
     ] = 12
-    day_of_week: Annotated[int, Field(ge=0, le=6, description="0–6.")] = 0
+    day_of_week: Annotated[int, Field(ge=0, le=6, description="0–6."), JsonInteger()] = 0
 
 
 class ScoreRequestBase(_Body):
@@ -152,7 +211,7 @@ class ScoreRequestBase(_Body):
     )
 
     model_config = ConfigDict(
-        extra="ignore",
+        **BODY_CONFIG,
         json_schema_extra={
             "examples": [
                 {
@@ -302,7 +361,7 @@ class RewardRequest(_Body):
         return data
 
     model_config = ConfigDict(
-        extra="ignore",
+        **BODY_CONFIG,
         json_schema_extra={
             "anyOf": [
                 # event_id sent, and not null
@@ -351,6 +410,29 @@ class RewardResponse(BaseModel):
         False,
         description="The decision is older than the reward window (OO_REWARD_WAIT): the"
         " reward was stored, not learned.",
+    )
+    received: float = Field(
+        description="The reward this request sent. Compare with `kept`: under"
+        " OO_REWARD_AGGREGATION=first a repeat's value is not the one kept.",
+    )
+    repeat: bool = Field(
+        False,
+        description="The decision had a reward already: this one was combined with it under"
+        " `aggregation`, and `kept` is the result.",
+    )
+    reward_n: int | None = Field(
+        None,
+        description="How many rewards the decision has received, this one included (1 for"
+        " the first); null when no decision holds the reward (learned on the request's"
+        " features, or, without event_id, as a new observation of an already rewarded"
+        " decision).",
+    )
+    aggregation: str | None = Field(
+        None,
+        description="For a repeat, the rule that chose `kept`: first, latest, sum or max"
+        " (OO_REWARD_AGGREGATION); null otherwise. After the reward window a learned"
+        " reward's `kept` no longer changes, whatever the rule (`late`).",
+        examples=["first"],
     )
 
 
