@@ -73,11 +73,23 @@ def backup_sqlite(source: Path, target: Path) -> BackupReport:
 
 
 def _verify(conn: sqlite3.Connection, target: Path) -> tuple[int, int, int]:
-    problems = [row[0] for row in conn.execute("PRAGMA integrity_check").fetchall()]
-    if problems != ["ok"]:
+    problems = integrity_problems(conn)
+    if problems:
         raise sqlite3.DatabaseError(
             f"the copy for {target} failed its integrity check: {'; '.join(problems[:5])}"
         )
+    return contents(conn)
+
+
+def integrity_problems(conn: sqlite3.Connection) -> list[str]:
+    """What `PRAGMA integrity_check` finds wrong with the database; empty when intact."""
+    problems = [str(row[0]) for row in conn.execute("PRAGMA integrity_check").fetchall()]
+    return [] if problems == ["ok"] else problems
+
+
+def contents(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """The schema version, the models and the decisions a database holds (0 for a table
+    it lacks)."""
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     models = decisions = 0

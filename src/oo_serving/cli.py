@@ -1,7 +1,8 @@
 """The `oo-serving` command: serve, migrate, prune, check, simulate, sweep, evaluate, export,
-backup.
+backup, restore (docs/cli.md).
 
-Every flag has an OO_* environment variable; a flag given wins over the variable.
+A flag that stands for a setting has an OO_* environment variable; a flag given wins over
+the variable. Its help names the variable and the default, both read from `Settings`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -29,23 +31,42 @@ import orjson
 import typer
 import uvicorn
 from pydantic import SecretStr, ValidationError
+from uvicorn.config import STARTUP_FAILURE
 
 from oo_serving import __version__
 from oo_serving import sweep as sweep_mod
 from oo_serving.api import lifecycle
 from oo_serving.api.auth import SHORT_KEY_LENGTH, KeyRing, is_loopback
 from oo_serving.check import CheckReport
-from oo_serving.errors import SchemaError, StoreUnavailable
+from oo_serving.errors import SchemaError, StoreBusy, StoreUnavailable
 from oo_serving.logs import log_config
 from oo_serving.metrics import METRICS_FILE, MULTIPROCESS_DIR_ENV
 from oo_serving.redact import redact_secrets, redact_url
 from oo_serving.settings import Settings, parse_duration_ms, shadow_names
-from oo_serving.store import open_store
+from oo_serving.store import migrations, open_store
+from oo_serving.store.factory import backend_of
 from oo_serving.store.sqlite import sqlite_path
 from oo_serving.wiring import service_of
 
 T = TypeVar("T")
 log = logging.getLogger("oo_serving")
+
+
+class ExitCode(IntEnum):
+    """How every command ends (docs/cli.md lists them per command)."""
+
+    OK = 0
+    # `check`: the database breaks an invariant. Any command: an unexpected error, with
+    # a traceback (a bug to report).
+    FAILED = 1
+    # Nothing was done: a usage error, a setting or input refused, or a database that
+    # cannot be used (unreachable, missing, not a database, a schema of another release).
+    REFUSED = 2
+    # `serve`: the server did not start (the address is taken, a worker failed to start).
+    NOT_STARTED = STARTUP_FAILURE
+    # Interrupted by Ctrl-C (SIGINT) before it finished; `serve` stops gracefully, with 0.
+    INTERRUPTED = 130
+
 
 app = typer.Typer(
     name="oo-serving",
@@ -53,6 +74,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help and errors: one line per error, flags shown as flags, nothing in
+    # square brackets taken for markup.
+    rich_markup_mode=None,
 )
 
 
@@ -77,9 +101,49 @@ def _main(
     """oO ML Serving: pick the next tip to show, learn from what the user does."""
 
 
+def default_text(value: Any) -> str:
+    """A setting's default as its OO_* variable would spell it; `none` when empty."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if value is None or value == "":
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def setting_option(name: str, *param_decls: str, help: str | None = None) -> Any:
+    """A typer.Option for the setting `name`, left None when not given (the settings then
+    read OO_<NAME>, else their default). Its help is the setting's description, or `help`,
+    then `[env var: OO_<NAME>; default: ...]` read from Settings: never out of date."""
+    field = Settings.model_fields[name]
+    text = help or field.description or ""
+    default = default_text(field.get_default(call_default_factory=True))
+    return typer.Option(
+        *param_decls,
+        help=f"{text}  [env var: OO_{name.upper()}; default: {default}]",
+        show_default=False,
+    )
+
+
 DatabaseOption = Annotated[
     str | None,
-    typer.Option("--database", help="sqlite:///path.db [env: OO_DATABASE_URL]", show_default=False),
+    setting_option(
+        "database_url",
+        "--database",
+        help="The database, created if missing: sqlite:///relative.db, sqlite:////absolute.db"
+        " (the folder too) or postgresql://user:password@host:port/dbname.",
+    ),
+]
+# For the commands that read a database: they never create one.
+ExistingDatabaseOption = Annotated[
+    str | None,
+    setting_option(
+        "database_url",
+        "--database",
+        help="The database, which must exist: sqlite:///relative.db, sqlite:////absolute.db"
+        " or postgresql://user:password@host:port/dbname.",
+    ),
 ]
 
 
@@ -103,51 +167,77 @@ def _export(settings: Settings) -> None:
             os.environ[key] = str(value).lower() if isinstance(value, bool) else str(value)
 
 
-async def _migrate(settings: Settings) -> None:
+async def _migrate(settings: Settings) -> int:
+    """Apply pending migrations; the schema version the database then has."""
     store = open_store(settings)
     await store.open()  # applies pending migrations, refuses a newer schema
     await store.close()
+    # Opened, the schema is this release's latest: older ones were migrated, newer refused.
+    return migrations.load(backend_of(settings.database_url))[-1].version
 
 
-def _run_or_exit(work: Coroutine[Any, Any, T]) -> T:
-    """Run `work`; a database that cannot be used ends the command with a message, exit 2.
+def _refuse(message: str) -> NoReturn:
+    """End the command with `message` on one line of stderr, password masked, and exit 2."""
+    line = " ".join(part.strip() for part in redact_secrets(message).splitlines() if part.strip())
+    typer.echo(f"oo-serving: {line}", err=True)
+    raise typer.Exit(ExitCode.REFUSED)
 
-    The message is redacted: a driver's error can quote the database URL, password and all.
+
+def _database_error(exc: Exception, database_url: str) -> str:
+    """The error's message, naming the database (password masked) if it does not yet:
+    by its URL, or a SQLite database by its path."""
+    message = str(exc)
+    names = [redact_url(database_url), database_url]
+    if database_url.startswith("sqlite:///"):
+        names.append(str(Path(database_url.removeprefix("sqlite:///"))))  # as sqlite_path
+    if any(name in message for name in names):
+        return message
+    return f"{message} (database {redact_url(database_url)})"
+
+
+def _require_database(settings: Settings) -> None:
+    """A command that reads a database refuses a SQLite file that is not there: opening
+    it would create an empty one, and report on it as if it were the real one."""
+    if settings.database_url.startswith("sqlite:"):
+        path = sqlite_path(settings.database_url)
+        if not path.is_file():
+            raise StoreUnavailable(f"no database at {path}")
+
+
+def _run_or_exit(work: Coroutine[Any, Any, T], database_url: str) -> T:
+    """Run `work`; a database that cannot be used ends the command with one line naming
+    the cause and the database, and exit code 2.
+
+    The line is redacted: a driver's error can quote the database URL, password and all.
     """
     try:
         return asyncio.run(work)
-    except (SchemaError, StoreUnavailable, ValueError) as exc:
-        typer.echo(f"oo-serving: {redact_secrets(str(exc))}", err=True)
-        raise typer.Exit(2) from exc
+    except (SchemaError, StoreUnavailable, StoreBusy) as exc:  # StoreBusy: held by another
+        _refuse(_database_error(exc, database_url))
+    except ValueError as exc:  # a database URL that is not understood
+        _refuse(str(exc))
 
 
 @app.command()
 def serve(
-    host: Annotated[
-        str | None, typer.Option(help="[env: OO_HOST] default 127.0.0.1", show_default=False)
-    ] = None,
-    port: Annotated[
-        int | None, typer.Option(help="[env: OO_PORT] default 8000", show_default=False)
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="[env: OO_WORKERS] default 1", show_default=False)
-    ] = None,
+    host: Annotated[str | None, setting_option("host")] = None,
+    port: Annotated[int | None, setting_option("port")] = None,
+    workers: Annotated[int | None, setting_option("workers")] = None,
     database: DatabaseOption = None,
-    insecure: Annotated[
-        bool,
-        typer.Option(
-            "--insecure",
-            help="Serve without API keys on an address other than loopback. [env: OO_INSECURE]",
-        ),
-    ] = False,
+    insecure: Annotated[bool, setting_option("insecure", "--insecure")] = False,
 ) -> None:
-    """Serve the HTTP API."""
+    """Serve the HTTP API.
+
+    Applies pending migrations first. Exit code 0: stopped by SIGTERM or SIGINT; 2: a
+    setting refused or the database cannot be used; 3: the server did not start (the
+    address is taken, a worker failed to start).
+    """
     settings = _settings(
         host=host, port=port, workers=workers, database_url=database, insecure=insecure or None
     )
     logging.config.dictConfig(log_config(settings))
     _check_access(settings)
-    _run_or_exit(_migrate(settings))
+    schema_version = _run_or_exit(_migrate(settings), settings.database_url)
     if not settings.log_hash_key.get_secret_value():
         # One key for all workers of this run, so that a user hashes the same in each.
         settings = settings.model_copy(update={"log_hash_key": SecretStr(secrets.token_hex(32))})
@@ -155,6 +245,7 @@ def serve(
         _export(settings)
         if folder is not None:
             os.environ[MULTIPROCESS_DIR_ENV] = str(folder)
+        _log_start(settings, schema_version)
         lifecycle.run(
             uvicorn.Config(
                 "oo_serving.api.app:create_app_from_env",
@@ -173,13 +264,50 @@ def serve(
         )
 
 
+def start_fields(settings: Settings, schema_version: int) -> dict[str, Any]:
+    """What a server serves, as the start-up log line's fields; the password masked."""
+    return {
+        "version": __version__,
+        "database": redact_url(settings.database_url),
+        "schema_version": schema_version,
+        "policy": settings.policy,
+        "policy_split": settings.policy_split or "none",
+        "exploration": settings.exploration,
+        "shadow_policies": settings.shadow_policies or "none",
+        "workers": settings.workers,
+        "listen": f"{settings.host}:{settings.port}",
+    }
+
+
+def _log_start(settings: Settings, schema_version: int) -> None:
+    fields = start_fields(settings, schema_version)
+    workers = f"{settings.workers} worker{'s' if settings.workers > 1 else ''}"
+    policy = (
+        f"policy split {settings.policy_split}"
+        if settings.policy_split
+        else f"policy {settings.policy}"
+    )
+    log.info(
+        "oo-serving %s starting on %s with %s: database %s (schema version %d), %s,"
+        " exploration %s, shadow policies %s",
+        __version__,
+        fields["listen"],
+        workers,
+        fields["database"],
+        schema_version,
+        policy,
+        settings.exploration,
+        fields["shadow_policies"],
+        extra={"fields": fields},
+    )
+
+
 def _check_access(settings: Settings) -> None:
     """Refuse to serve without keys beyond loopback, unless told to; say how it runs."""
     try:
         ring = KeyRing.load(settings.api_keys.get_secret_value(), settings.api_keys_file)
     except ValueError as exc:
-        typer.echo(f"oo-serving: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        _refuse(str(exc))
     where = f"{settings.host}:{settings.port}"
     if ring:
         short = sum(key.short for key in ring.keys)
@@ -191,13 +319,11 @@ def _check_access(settings: Settings) -> None:
         log.warning("no API keys configured: every endpoint is open to anyone on %s", where)
         return
     if not settings.insecure:
-        typer.echo(
-            f"oo-serving: refusing to serve {where} without API keys: anyone who can reach"
-            " it could read and erase every user's data. Set OO_API_KEYS or"
-            " OO_API_KEYS_FILE, listen on 127.0.0.1, or pass --insecure.",
-            err=True,
+        _refuse(
+            f"refusing to serve {where} without API keys: anyone who can reach it could"
+            " read and erase every user's data. Set OO_API_KEYS or OO_API_KEYS_FILE, listen"
+            " on 127.0.0.1, or pass --insecure."
         )
-        raise typer.Exit(2)
     log.warning("INSECURE: no API keys, and %s is not loopback: every endpoint is open", where)
 
 
@@ -215,10 +341,13 @@ def _metrics_folder(settings: Settings) -> Iterator[Path | None]:
         yield None
         return
     if settings.metrics_dir is not None:
-        settings.metrics_dir.mkdir(parents=True, exist_ok=True)
-        for stale in settings.metrics_dir.glob("*.db"):
-            if METRICS_FILE.fullmatch(stale.name) and stale.is_file():
-                stale.unlink()
+        try:
+            settings.metrics_dir.mkdir(parents=True, exist_ok=True)
+            for stale in settings.metrics_dir.glob("*.db"):
+                if METRICS_FILE.fullmatch(stale.name) and stale.is_file():
+                    stale.unlink()
+        except OSError as exc:
+            _refuse(f"OO_METRICS_DIR {settings.metrics_dir}: {exc.strerror or exc}")
         yield settings.metrics_dir
         return
     folder = Path(tempfile.mkdtemp(prefix="oo-serving-metrics-"))
@@ -230,11 +359,17 @@ def _metrics_folder(settings: Settings) -> Iterator[Path | None]:
 
 @app.command()
 def migrate(database: DatabaseOption = None) -> None:
-    """Create or upgrade the database schema; a no-op when it is current."""
+    """Create or upgrade the database schema; a no-op when it is current.
+
+    Exit code 0: the schema is current; 2: the database cannot be used or its schema is
+    newer than this release.
+    """
     settings = _settings(database_url=database)
     logging.config.dictConfig(log_config(settings))  # the driver's warnings, redacted
-    _run_or_exit(_migrate(settings))
-    typer.echo(f"oo-serving: schema of {redact_url(settings.database_url)} is current")
+    version = _run_or_exit(_migrate(settings), settings.database_url)
+    typer.echo(
+        f"oo-serving: schema of {redact_url(settings.database_url)} is current (version {version})"
+    )
 
 
 # Far beyond any retention (about 2,700 years), and small enough that the cut-off stays a
@@ -252,6 +387,7 @@ def _prune_days(days: float) -> float:
 
 
 async def _prune(settings: Settings, older_than_ms: int, batch_size: int) -> int:
+    _require_database(settings)
     store = open_store(settings)
     await store.open()
     try:
@@ -272,7 +408,7 @@ def prune(
             help=f"Delete decisions logged more than this many days ago (0 to {MAX_PRUNE_DAYS}).",
         ),
     ],
-    database: DatabaseOption = None,
+    database: ExistingDatabaseOption = None,
     batch_size: Annotated[
         int, typer.Option(min=1, help="Decisions deleted per transaction.")
     ] = 10_000,
@@ -280,12 +416,14 @@ def prune(
     """Delete old decisions from the log, in short transactions; safe while serving.
 
     Rewards for pruned decisions answer 404 when sent with their event_id, and /features
-    of a user idle for longer than the window comes back shorter.
+    of a user idle for longer than the window comes back shorter. Applies pending
+    migrations first. Exit code 0: done; 2: bad input, or the database cannot be used (a
+    SQLite path with no file is refused, never created).
     """
     settings = _settings(database_url=database)
     logging.config.dictConfig(log_config(settings))  # the driver's warnings, redacted
     cutoff_ms = time.time_ns() // 1_000_000 - int(older_than_days * 86_400_000)
-    deleted = _run_or_exit(_prune(settings, cutoff_ms, batch_size))
+    deleted = _run_or_exit(_prune(settings, cutoff_ms, batch_size), settings.database_url)
     typer.echo(f"oo-serving: deleted {deleted} decisions older than {older_than_days} days")
 
 
@@ -297,10 +435,7 @@ CHECK_STATEMENT_TIMEOUT_MS = 600_000
 
 
 async def _check(settings: Settings) -> CheckReport:
-    if settings.database_url.startswith("sqlite:"):
-        path = sqlite_path(settings.database_url)
-        if not path.is_file():  # opening would create an empty one, and call it clean
-            raise StoreUnavailable(f"no database at {path}")
+    _require_database(settings)  # opening would create an empty one, and call it clean
     store = open_store(settings)
     try:
         await store.open(migrate=False)  # a check changes nothing, the schema included
@@ -312,7 +447,7 @@ async def _check(settings: Settings) -> CheckReport:
 
 @app.command()
 def check(
-    database: DatabaseOption = None,
+    database: ExistingDatabaseOption = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the report as one JSON object.")
     ] = False,
@@ -329,13 +464,13 @@ def check(
     logging.config.dictConfig(log_config(settings))  # the driver's warnings, redacted
     timeout_ms = max(settings.pg_statement_timeout_ms, CHECK_STATEMENT_TIMEOUT_MS)
     settings = settings.model_copy(update={"pg_statement_timeout_ms": timeout_ms})
-    report = _run_or_exit(_check(settings))
+    report = _run_or_exit(_check(settings), settings.database_url)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:
         for line in report.lines():
             typer.echo(line)
-    raise typer.Exit(0 if report.ok else 1)
+    raise typer.Exit(ExitCode.OK if report.ok else ExitCode.FAILED)
 
 
 # ── simulate ─────────────────────────────────────────────────────────────────
@@ -345,11 +480,6 @@ SIMULATE_POLICIES = ("linucb-v1", "linucb-v2")
 SIMULATE_IGNORED = ("no-reward", "zero")  # sim/runner.py
 # Scenario settings that have an option of their own.
 SIMULATE_OWN_OPTIONS = {"users": "--users", "rounds": "--rounds"}
-
-
-def _refuse(message: str) -> NoReturn:
-    typer.echo(f"oo-serving: {message}", err=True)
-    raise typer.Exit(2)
 
 
 def _seeds(text: str) -> list[int]:
@@ -415,14 +545,14 @@ def simulate(
             metavar="NAME[:KEY=VALUE,...]",
             help="A policy to run, with settings, e.g. linucb-v2:alpha=0.2; repeat to"
             " compare. Also: uniform, oracle."
-            f" (default: {' and '.join(SIMULATE_POLICIES)})",
+            f"  [default: {' and '.join(SIMULATE_POLICIES)}]",
             show_default=False,
         ),
     ] = None,
     baseline: Annotated[
         str | None,
         typer.Option(
-            help="The policy every other is compared with. (default: the first --policy)",
+            help="The policy every other is compared with.  [default: the first --policy]",
             show_default=False,
         ),
     ] = None,
@@ -431,7 +561,8 @@ def simulate(
         typer.Option(
             "--set",
             metavar="KEY=VALUE",
-            help="Change a setting of the scenario, e.g. --set ignore_prob=0.5; repeatable.",
+            help="Change a setting of the scenario, e.g. --set ignore_prob=0.5; repeatable."
+            "  [default: none]",
             show_default=False,
         ),
     ] = None,
@@ -453,7 +584,7 @@ def simulate(
         Path | None,
         typer.Option(
             help="Also write DIR/summary.json, DIR/regret.png and DIR/report.html"
-            " (needs the report extra).",
+            " (needs the report extra).  [default: none]",
             metavar="DIR",
             file_okay=False,
             show_default=False,
@@ -559,13 +690,20 @@ def simulate(
 
 SinceOption = Annotated[
     str | None,
-    typer.Option(help="First decision time: ISO-8601 (UTC), or a duration ago like 7d."),
+    typer.Option(
+        help="First decision time: ISO-8601 (UTC), or a duration ago like 7d."
+        "  [default: the first decision]"
+    ),
 ]
 UntilOption = Annotated[
-    str | None, typer.Option(help="End of the range (excluded), as --since; default: now.")
+    str | None,
+    typer.Option(help="End of the range (excluded), as --since.  [default: now]"),
 ]
 UserOption = Annotated[
-    list[str] | None, typer.Option(help="Only this user's decisions (repeatable).")
+    list[str] | None,
+    typer.Option(
+        metavar="ID", help="Only this user's decisions (repeatable).  [default: every user]"
+    ),
 ]
 
 
@@ -589,15 +727,6 @@ def _when_ms(text: str, flag: str, now_ms: int) -> int:
     return int(when.timestamp() * 1000)
 
 
-def _require_database(settings: Settings) -> None:
-    """A command that reads a SQLite database refuses a file that is not there (opening it
-    would create an empty one)."""
-    if settings.database_url.startswith("sqlite:"):
-        path = sqlite_path(settings.database_url)
-        if not path.is_file():
-            raise StoreUnavailable(f"no database at {path}")
-
-
 async def _sweep(settings: Settings, now_ms: int) -> sweep_mod.SweepReport:
     _require_database(settings)
     store = open_store(settings)
@@ -619,16 +748,22 @@ async def _sweep(settings: Settings, now_ms: int) -> sweep_mod.SweepReport:
 
 @app.command()
 def sweep(
-    database: DatabaseOption = None,
+    database: ExistingDatabaseOption = None,
     default_reward: Annotated[
         float | None,
-        typer.Option(
-            help="Reward for decisions never rewarded in the window [env: OO_DEFAULT_REWARD]"
+        setting_option(
+            "default_reward",
+            help="Reward for each decision never rewarded in its window; none: leave them"
+            " unrewarded.",
         ),
     ] = None,
     log_retention_days: Annotated[
         float | None,
-        typer.Option(help="Delete decisions older than this [env: OO_LOG_RETENTION_DAYS]"),
+        setting_option(
+            "log_retention_days",
+            help="Delete decisions older than this many days (never shorter than the"
+            " reward window, OO_REWARD_WAIT).",
+        ),
     ] = None,
 ) -> None:
     """Give the default reward to decisions whose reward window closed without one, then
@@ -636,7 +771,8 @@ def sweep(
     once, and to re-run.
 
     Learns the default rewards as the server would: run it with the server's OO_*
-    settings (policy, shadow policies, reward window).
+    settings (policy, shadow policies, reward window). Exit code 0: done; 2: a setting
+    refused, or the database cannot be used (a SQLite path with no file is refused).
     """
     settings = _settings(
         database_url=database,
@@ -644,7 +780,7 @@ def sweep(
         log_retention_days=log_retention_days,
     )
     logging.config.dictConfig(log_config(settings))
-    report = _run_or_exit(_sweep(settings, time.time_ns() // 1_000_000))
+    report = _run_or_exit(_sweep(settings, time.time_ns() // 1_000_000), settings.database_url)
     typer.echo(
         f"oo-serving: gave {report.defaults_given} default rewards; deleted {report.pruned}"
         f" decisions older than {settings.log_retention_days:g} days"
@@ -660,15 +796,19 @@ async def _evaluate(
     train_until_ms: int | None,
     unrewarded_as: float | None,
     now_ms: int,
+    save_as: str | None,
 ) -> Any:
+    """The evaluation of [since_ms, until_ms); kept in the database for /dashboard when
+    save_as (the command line) is given."""
     from oo_serving.evaluation import log as evaluation
+    from oo_serving.evaluation import render, saved
 
     _require_database(settings)
     store = open_store(settings)
     await store.open(migrate=False)
     try:
         async with store.decision_log(since_ms, until_ms, users) as pages:
-            return await evaluation.evaluate(
+            result = await evaluation.evaluate(
                 pages,
                 now_ms=now_ms,
                 rewards=evaluation.Rewards(
@@ -678,51 +818,76 @@ async def _evaluate(
                 trained=trained,
                 train_until_ms=train_until_ms,
             )
+        if save_as is not None:
+            await saved.save_report(
+                store,
+                render.to_json(result),
+                command=save_as,
+                since_ms=since_ms or None,
+                until_ms=min(until_ms, now_ms),
+                created_ms=now_ms,
+            )
+        return result
     finally:
         await store.close()
 
 
 @app.command()
 def evaluate(
-    database: DatabaseOption = None,
+    database: ExistingDatabaseOption = None,
     since: SinceOption = None,
     until: UntilOption = None,
     user: UserOption = None,
     policy: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="NAME[:KEY=VALUE,...]",
             help="A registered policy to train on the decisions before --train-until and"
-            " evaluate, frozen, on the rest: NAME or NAME:KEY=VALUE,... (repeatable)."
+            " evaluate, frozen, on the rest (repeatable).  [default: none]",
         ),
     ] = None,
     train_until: Annotated[
         str | None,
-        typer.Option(help="Where training ends and evaluation starts, as --since."),
+        typer.Option(
+            help="Where training ends and evaluation starts, as --since; needed by --policy."
+            "  [default: none]"
+        ),
     ] = None,
     shadow_policies: Annotated[
         str | None,
-        typer.Option(
-            help="Shadow policies whose logged choices to evaluate [env: OO_SHADOW_POLICIES]"
+        setting_option(
+            "shadow_policies",
+            help="Shadow policies whose logged choices to evaluate, comma-separated.",
         ),
     ] = None,
     unrewarded_as: Annotated[
         float | None,
         typer.Option(
             help="Value of a decision never rewarded in its window when OO_DEFAULT_REWARD"
-            " is not set; default: skip it."
+            " is not set.  [default: none, such decisions are skipped]"
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     html: Annotated[
-        Path | None, typer.Option(help="Also write a self-contained HTML report with plots.")
+        Path | None,
+        typer.Option(help="Also write a self-contained HTML report with plots.  [default: none]"),
     ] = None,
+    save: Annotated[
+        bool,
+        typer.Option(
+            "--save/--no-save",
+            help="Keep the result in the database, where /dashboard shows the latest"
+            " (the only write this command makes).",
+        ),
+    ] = False,
 ) -> None:
     """Estimate, from the decision log, the value of the logging policy, uniform, its
     greedy part, each shadow policy and each --policy, with IPS, SNIPS and DR, intervals
     clustered by user and anytime-valid confidence sequences; and say whether each beats
     what is running.
 
-    One pass over the log in time order, memory bounded. Reads only; safe while serving.
+    One pass over the log in time order, memory bounded. Reads only, but for --save;
+    safe while serving.
     Exit code 0: evaluated (or too few events, said so); 2: bad input or no database.
     """
     from oo_serving.evaluation import render
@@ -750,8 +915,17 @@ def evaluate(
     command = shlex.join(["oo-serving", "evaluate", *sys.argv[2:]])
     result = _run_or_exit(
         _evaluate(
-            settings, since_ms, until_ms, user, trained, train_until_ms, unrewarded_as, now_ms
-        )
+            settings,
+            since_ms,
+            until_ms,
+            user,
+            trained,
+            train_until_ms,
+            unrewarded_as,
+            now_ms,
+            command if save else None,
+        ),
+        settings.database_url,
     )
     if html is not None:
         try:
@@ -803,14 +977,15 @@ def export_command(
     fmt: Annotated[
         str, typer.Option("--format", help="parquet or jsonl (one JSON object a line).")
     ] = "parquet",
-    database: DatabaseOption = None,
+    database: ExistingDatabaseOption = None,
     since: SinceOption = None,
     until: UntilOption = None,
     user: UserOption = None,
 ) -> None:
     """Write the decision log, one row per decision joined with its reward, with every
     candidate's raw features, vector and probability (docs/export.md); safe while
-    serving. Parquet needs the `export` extra (pyarrow).
+    serving. Parquet needs the `export` extra (pyarrow). Exit code 0: written; 2: bad
+    input, or the database cannot be used (a SQLite path with no file is refused).
     """
     from oo_serving.logexport import FORMATS
 
@@ -825,7 +1000,11 @@ def export_command(
     until_ms = _when_ms(until, "--until", now_ms) if until else now_ms + 1
     target = None if out == "-" else Path(out)
     try:
-        rows = _run_or_exit(_export_log(settings, fmt, target, since_ms, until_ms, user))
+        rows = _run_or_exit(
+            _export_log(settings, fmt, target, since_ms, until_ms, user), settings.database_url
+        )
+    except typer.Exit:  # a RuntimeError too, already said why
+        raise
     except RuntimeError as exc:
         _refuse(str(exc))
     if target is not None:
@@ -838,20 +1017,31 @@ def export_command(
 @app.command()
 def backup(
     to: Annotated[Path, typer.Option("--to", help="The file to write (replaced if it exists).")],
-    database: DatabaseOption = None,
+    database: Annotated[
+        str | None,
+        setting_option(
+            "database_url",
+            "--database",
+            help="The SQLite database to copy: sqlite:///relative.db or"
+            " sqlite:////absolute.db (a file that must exist).",
+        ),
+    ] = None,
 ) -> None:
     """Copy a SQLite database to a file as one consistent snapshot; safe while serving.
 
     Uses SQLite's online backup, in small steps, checks the copy, and renames it into
-    place only when whole. To restore: stop the server, put the copy at the database's
-    path (and delete any -wal and -shm files beside it), start the server. For
+    place only when whole; `oo-serving restore --from FILE` puts it back. For
     PostgreSQL use pg_dump (docs/operations.md). Exit code 0: written; 2: no database,
     not SQLite, or the copy failed.
     """
     from oo_serving.backup import backup_sqlite
 
     settings = _settings(database_url=database)
-    if not settings.database_url.startswith("sqlite:"):
+    try:
+        backend = backend_of(settings.database_url)
+    except ValueError as exc:
+        _refuse(str(exc))
+    if backend != "sqlite":
         _refuse(
             "backup copies SQLite databases; for PostgreSQL use pg_dump, e.g."
             " `pg_dump --format=custom --file=oo.dump DBNAME` (docs/operations.md)"
@@ -863,6 +1053,68 @@ def backup(
     typer.echo(
         f"oo-serving: backed up {report.models} models and {report.decisions} decisions"
         f" (schema version {report.schema_version}, {report.size_bytes:,} bytes) to {report.path}"
+    )
+
+
+@app.command()
+def restore(
+    source: Annotated[
+        Path,
+        typer.Option(
+            "--from",
+            help="The backup to restore: a file `oo-serving backup` wrote.",
+            show_default=False,
+        ),
+    ],
+    database: Annotated[
+        str | None,
+        setting_option(
+            "database_url",
+            "--database",
+            help="The SQLite database to replace: sqlite:///relative.db or"
+            " sqlite:////absolute.db (created, with its folder, if missing).",
+        ),
+    ] = None,
+) -> None:
+    """Replace a SQLite database with a backup; every process using it stopped first.
+
+    Checks the backup (a SQLite database, intact, of a schema this release knows),
+    keeps the previous database beside it as <database>.before-restore-<UTC time>, and
+    copies the backup in as one transaction: a crash leaves the previous database or
+    the restored one. An older schema is restored as it is, and migrated by the next
+    serve or migrate. For PostgreSQL use pg_restore (docs/operations.md). Exit code 0:
+    restored; 2: nothing changed: the database is open in another process (a server),
+    or it is PostgreSQL, or the backup is missing, not SQLite, corrupt or of a newer
+    schema.
+    """
+    from oo_serving.restore import RestoreRefused, restore_sqlite
+
+    settings = _settings(database_url=database)
+    try:
+        backend = backend_of(settings.database_url)
+    except ValueError as exc:
+        _refuse(str(exc))
+    if backend != "sqlite":
+        _refuse(
+            "restore replaces SQLite databases; for PostgreSQL restore a pg_dump into a new"
+            " database with pg_restore, e.g. `pg_restore --no-owner --dbname=NEWDB oo.dump`,"
+            " and point OO_DATABASE_URL at it (docs/operations.md)"
+        )
+    try:
+        report = restore_sqlite(source, sqlite_path(settings.database_url))
+    except (RestoreRefused, OSError, ValueError) as exc:
+        _refuse(str(exc))
+    schema = f"schema version {report.schema_version}"
+    if report.schema_version < report.latest_version:
+        schema += f", migrated to {report.latest_version} by the next serve or migrate"
+    kept = (
+        f"the previous database is kept as {report.kept}"
+        if report.kept is not None
+        else "there was no database before"
+    )
+    typer.echo(
+        f"oo-serving: restored {report.models} models and {report.decisions} decisions"
+        f" ({schema}) from {report.source} to {report.database}; {kept}"
     )
 
 

@@ -319,6 +319,31 @@ def test_evaluate_writes_a_self_contained_html_report(
     assert "linucb-v2" in page
 
 
+def test_evaluate_save_keeps_the_result_for_the_dashboard(log: Log) -> None:
+    with closing(sqlite3.connect(log.server.db_path)) as db:
+        before = db.execute("SELECT count(*) FROM report").fetchone()[0]
+    unsaved = evaluate_json("--database", log.url, "--until", "1h", env=log.env)
+    saved = evaluate_json("--database", log.url, "--save", env=log.env)
+    with closing(sqlite3.connect(log.server.db_path)) as db:
+        rows = db.execute("SELECT kind, body FROM report ORDER BY id").fetchall()
+    assert len(rows) == before + 1  # --no-save (the default) wrote nothing
+    kind, body = rows[-1]
+    kept = json.loads(body)
+    assert kind == "evaluate"
+    assert kept["result"] == saved
+    assert kept["command"].startswith("oo-serving evaluate --json --database ")
+    assert kept["command"].endswith(" --save")
+    assert kept["since"] is None
+    assert unsaved["events"] < saved["events"]
+    # The serving process shows it: the latest saved evaluation, with its verdict.
+    with log.server.client() as client:
+        page = client.get("/dashboard")
+    assert page.status_code == 200
+    assert "Latest offline evaluation" in page.text
+    assert "oo-serving evaluate --json" in page.text
+    assert f"{saved['events']:,} events" in page.text
+
+
 def test_evaluate_trains_a_registered_policy_before_the_cut_and_evaluates_it_after(
     log: Log, rows: dict[str, Row]
 ) -> None:

@@ -57,12 +57,22 @@ _DROP_EVERY_PACKET = struct.pack("HBBI", 0x06, 0, 0, 0)
 
 
 def run(config: Config) -> None:
-    """Serve `config` as `uvicorn.run` would, with the graceful shutdown above."""
+    """Serve `config` as `uvicorn.run` would, with the graceful shutdown above. Exits
+    with STARTUP_FAILURE (3) if the server does not start: the address cannot be bound,
+    or a worker fails before it serves."""
     # Bound here, in every case, so that each server holds its listening socket as a
     # socket object it can filter before closing.
-    sock = config.bind_socket()
+    try:
+        sock = config.bind_socket()
+    except SystemExit:
+        # uvicorn has logged the OS's reason (e.g. address already in use); say where.
+        logger.error("Cannot listen on %s:%d", config.host, config.port)
+        raise
     if config.workers > 1:
-        Supervisor(config, sockets=[sock]).run()
+        supervisor = Supervisor(config, sockets=[sock])
+        supervisor.run()
+        if supervisor.startup_failed:
+            sys.exit(STARTUP_FAILURE)
         return
     server = DrainingServer(config, owns_listener=True)
     server.run(sockets=[sock])
@@ -183,6 +193,8 @@ class Supervisor(Multiprocess):
 
     def __init__(self, config: Config, sockets: list[socket.socket]) -> None:
         super().__init__(config, sockets)
+        # A worker exited before serving, and the supervisor stopped: the exit code says so.
+        self.startup_failed = False
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_stop_signal)
 
@@ -225,6 +237,7 @@ class Supervisor(Multiprocess):
             if process.exitcode == STARTUP_FAILURE:
                 # It failed before serving: every restart would fail the same way.
                 logger.error("Child process [%s] failed to start, stopping.", process.pid)
+                self.startup_failed = True
                 self.should_exit.set()
                 return
             if self.should_exit.is_set():
