@@ -57,7 +57,10 @@ class BrowserPage:
         assert self.console_errors == [], f"console errors: {self.console_errors}"
 
 
-@pytest.fixture(scope="session")
+# Per module, not per session: while Playwright's sync API runs, its event loop is the
+# running loop of the main thread, and every other test's asyncio.run() would refuse to
+# start. Each browser module starts its own Chromium and stops it before the next module.
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[object]:
     path = chromium_path()
     if path is None:
