@@ -1036,18 +1036,13 @@ def backup(
     """
     from oo_serving.backup import backup_sqlite
 
-    settings = _settings(database_url=database)
+    path = _sqlite_file(
+        database,
+        "backup copies SQLite databases; for PostgreSQL use pg_dump, e.g."
+        " `pg_dump --format=custom --file=oo.dump DBNAME` (docs/operations.md)",
+    )
     try:
-        backend = backend_of(settings.database_url)
-    except ValueError as exc:
-        _refuse(str(exc))
-    if backend != "sqlite":
-        _refuse(
-            "backup copies SQLite databases; for PostgreSQL use pg_dump, e.g."
-            " `pg_dump --format=custom --file=oo.dump DBNAME` (docs/operations.md)"
-        )
-    try:
-        report = backup_sqlite(sqlite_path(settings.database_url), to)
+        report = backup_sqlite(path, to)
     except (OSError, ValueError, sqlite3.Error) as exc:
         _refuse(str(exc))
     typer.echo(
@@ -1089,19 +1084,14 @@ def restore(
     """
     from oo_serving.restore import RestoreRefused, restore_sqlite
 
-    settings = _settings(database_url=database)
+    path = _sqlite_file(
+        database,
+        "restore replaces SQLite databases; for PostgreSQL restore a pg_dump into a new"
+        " database with pg_restore, e.g. `pg_restore --no-owner --dbname=NEWDB oo.dump`,"
+        " and point OO_DATABASE_URL at it (docs/operations.md)",
+    )
     try:
-        backend = backend_of(settings.database_url)
-    except ValueError as exc:
-        _refuse(str(exc))
-    if backend != "sqlite":
-        _refuse(
-            "restore replaces SQLite databases; for PostgreSQL restore a pg_dump into a new"
-            " database with pg_restore, e.g. `pg_restore --no-owner --dbname=NEWDB oo.dump`,"
-            " and point OO_DATABASE_URL at it (docs/operations.md)"
-        )
-    try:
-        report = restore_sqlite(source, sqlite_path(settings.database_url))
+        report = restore_sqlite(source, path)
     except (RestoreRefused, OSError, ValueError) as exc:
         _refuse(str(exc))
     schema = f"schema version {report.schema_version}"
@@ -1116,6 +1106,19 @@ def restore(
         f"oo-serving: restored {report.models} models and {report.decisions} decisions"
         f" ({schema}) from {report.source} to {report.database}; {kept}"
     )
+
+
+def _sqlite_file(database: str | None, not_sqlite: str) -> Path:
+    """The path of the SQLite database that --database or OO_DATABASE_URL names; refused
+    with `not_sqlite` (what to do instead) when it names another backend."""
+    settings = _settings(database_url=database)
+    try:
+        backend = backend_of(settings.database_url)
+    except ValueError as exc:
+        _refuse(str(exc))
+    if backend != "sqlite":
+        _refuse(not_sqlite)
+    return sqlite_path(settings.database_url)
 
 
 def main() -> None:
