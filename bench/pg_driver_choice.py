@@ -2,8 +2,10 @@
 
 Runs the /score write (ensure the user's row, lock it, update it, log the decision, prune)
 as the store does it with each driver, on one database, alternating the contenders in
-rounds so that machine drift hits both alike, and prints transactions per second and
-their ratio. Usage:
+rounds so that machine drift hits both alike, and prints writes per second and their
+ratio: first one write a transaction (a reward's path, and a score write made alone),
+then the store's group commit, BATCH users' writes a transaction (two batches in flight,
+as the store runs them). Usage:
 
     .venv/bin/pip install -c requirements.lock -e ".[bench]"
     .venv/bin/python bench/pg_driver_choice.py postgresql://postgres@127.0.0.1:5432/postgres
@@ -17,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg  # type: ignore[import-not-found]
 import numpy as np
@@ -30,7 +33,9 @@ CONCURRENCY = (1, 16)
 ROUNDS = 3
 SECONDS = 3.0
 USERS = 1000
-A = np.identity(5).tobytes()
+BATCH = 32
+BATCHES_AT_ONCE = 2
+STATE = np.concatenate([np.identity(5).ravel(), np.zeros(5)]).tobytes()
 B = np.zeros(5).tobytes()
 X = np.zeros((10, 5)).tobytes()
 
@@ -45,8 +50,8 @@ async def psycopg_pipeline(pool: AsyncConnectionPool, user: str, seq: int) -> No
                 (user,),
             )
             cur = await conn.execute(
-                "SELECT policy, a_inv, b, pulls, reward_count, cumulative_reward, last_updated_ms"
-                " FROM user_model WHERE user_id = %s FOR UPDATE",
+                "SELECT policy, state, state_version, pulls, reward_count, cumulative_reward,"
+                " last_updated_ms FROM user_model WHERE user_id = %s FOR UPDATE",
                 (user,),
             )
             await p.sync()
@@ -55,9 +60,9 @@ async def psycopg_pipeline(pool: AsyncConnectionPool, user: str, seq: int) -> No
         pulls = int(row[3]) + 1
         async with conn.pipeline():
             await conn.execute(
-                "UPDATE user_model SET policy = %s, a_inv = %s, b = %s, pulls = %s,"
+                "UPDATE user_model SET policy = %s, state = %s, state_version = 1, pulls = %s,"
                 " last_updated_ms = %s WHERE user_id = %s",
-                ("linucb-v1", A, B, pulls, 0, user),
+                ("linucb-v1", STATE, pulls, 0, user),
             )
             await conn.execute(
                 "INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score,"
@@ -78,15 +83,15 @@ async def asyncpg_tx(pool: asyncpg.Pool, user: str, seq: int) -> None:
             "INSERT INTO user_model (user_id) VALUES ($1) ON CONFLICT (user_id) DO NOTHING", user
         )
         row = await conn.fetchrow(
-            "SELECT policy, a_inv, b, pulls, reward_count, cumulative_reward, last_updated_ms"
-            " FROM user_model WHERE user_id = $1 FOR UPDATE",
+            "SELECT policy, state, state_version, pulls, reward_count, cumulative_reward,"
+            " last_updated_ms FROM user_model WHERE user_id = $1 FOR UPDATE",
             user,
         )
         pulls = int(row["pulls"]) + 1
         await conn.execute(
-            "UPDATE user_model SET policy = $1, a_inv = $2, b = $3, pulls = $4,"
-            " last_updated_ms = $5 WHERE user_id = $6",
-            "linucb-v1", A, B, pulls, 0, user,
+            "UPDATE user_model SET policy = $1, state = $2, state_version = 1, pulls = $3,"
+            " last_updated_ms = $4 WHERE user_id = $5",
+            "linucb-v1", STATE, pulls, 0, user,
         )  # fmt: skip
         await conn.execute(
             "INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score,"
@@ -99,7 +104,75 @@ async def asyncpg_tx(pool: asyncpg.Pool, user: str, seq: int) -> None:
         )
 
 
-async def measure(op: Callable[[str, int], Awaitable[None]], concurrency: int) -> float:
+_ENSURE = (
+    "INSERT INTO user_model (user_id) SELECT u FROM unnest({}::text[]) AS u ORDER BY u"
+    " ON CONFLICT (user_id) DO NOTHING RETURNING user_id"
+)
+_LOCK = (
+    "SELECT user_id, pulls FROM user_model WHERE user_id = ANY({}) ORDER BY user_id"
+    " FOR UPDATE SKIP LOCKED"
+)
+_UPDATE = (
+    "UPDATE user_model SET policy = {}, state = {}, state_version = 1, pulls = {},"
+    " last_updated_ms = 0 WHERE user_id = {}"
+)
+_INSERT = (
+    "INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score,"
+    " policy, propensity, model_version, candidate_ids, candidate_x)"
+    " VALUES ({}, {}, {}, 0, 't0', '{{}}'::jsonb, {}, 1.0, 'linucb-v1', 1.0, 0, {}, {})"
+)
+_PRUNE = "DELETE FROM decision WHERE user_id = {} AND seq < {}"
+_PG = ("%s",) * 6
+_APG = tuple(f"${i}" for i in range(1, 7))
+
+
+def batch_params(rows: list[tuple[str, int]]) -> tuple[list[Any], list[Any], list[Any]]:
+    """The second round trip's parameters for locked (user_id, pulls) rows."""
+    ids = [f"t{i}" for i in range(10)]
+    updates = [("linucb-v1", STATE, p + 1, u) for u, p in rows]
+    inserts = [(u, p + 1, str(uuid.uuid4()), B, ids, X) for u, p in rows]
+    prunes = [(u, p + 1 - 999) for u, p in rows]
+    return updates, inserts, prunes
+
+
+async def psycopg_batch(pool: AsyncConnectionPool, users: list[str]) -> int:
+    """The store's group commit: BATCH users in one transaction, two round trips."""
+    async with pool.connection() as conn:
+        async with conn.pipeline() as p:
+            await conn.execute("BEGIN")
+            await conn.execute(_ENSURE.format(*_PG), (users,))
+            cur = await conn.execute(_LOCK.format(*_PG), (users,))
+            await p.sync()
+            rows = [(r[0], int(r[1])) for r in await cur.fetchall()]
+        updates, inserts, prunes = batch_params(rows)
+        async with conn.cursor() as c, conn.pipeline():
+            await c.executemany(_UPDATE.format(*_PG), updates)
+            await c.executemany(_INSERT.format(*_PG), inserts)
+            await c.executemany(_PRUNE.format(*_PG), prunes)
+            await c.execute("COMMIT")
+    return len(rows)
+
+
+async def asyncpg_batch(pool: asyncpg.Pool, users: list[str]) -> int:
+    """The same with asyncpg: a round trip per statement (executemany sends its rows at
+    once), seven a batch."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(_ENSURE.format(*_APG), users)
+        found = await conn.fetch(_LOCK.format(*_APG), users)
+        rows = [(r["user_id"], int(r["pulls"])) for r in found]
+        updates, inserts, prunes = batch_params(rows)
+        await conn.executemany(_UPDATE.format(*_APG), updates)
+        await conn.executemany(_INSERT.format(*_APG), inserts)
+        await conn.executemany(_PRUNE.format(*_APG), prunes)
+    return len(rows)
+
+
+Op = Callable[[int, int], Awaitable[int]]
+
+
+async def measure(op: Op, concurrency: int) -> float:
+    """Writes per second: `concurrency` tasks each calling op(task, n) in a loop; op
+    answers how many writes it made."""
     done = 0
     deadline = time.perf_counter() + SECONDS
 
@@ -107,13 +180,33 @@ async def measure(op: Callable[[str, int], Awaitable[None]], concurrency: int) -
         nonlocal done
         n = 0
         while time.perf_counter() < deadline:
-            await op(f"bench-{(w * 7919 + n) % USERS}", n)
+            done += await op(w, n)
             n += 1
-            done += 1
 
     start = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     return done / (time.perf_counter() - start)
+
+
+def one(write: Callable[[str, int], Awaitable[None]]) -> Op:
+    async def op(w: int, n: int) -> int:
+        await write(f"bench-{(w * 7919 + n) % USERS}", n)
+        return 1
+
+    return op
+
+
+def batched(write: Callable[[list[str]], Awaitable[int]]) -> Op:
+    """Each task writes its own share of the users, BATCH at a time: the batches in flight
+    hold distinct users, as one process's do."""
+    share = USERS // BATCHES_AT_ONCE
+
+    async def op(w: int, n: int) -> int:
+        first = w * share
+        users = [f"bench-{first + (n * BATCH + i) % share}" for i in range(BATCH)]
+        return await write(sorted(set(users)))
+
+    return op
 
 
 async def main(admin_url: str) -> None:
@@ -129,20 +222,37 @@ async def main(admin_url: str) -> None:
                                       kwargs={"autocommit": True})  # fmt: skip
         await pg_pool.open(wait=True)
         pool = await asyncpg.create_pool(url, min_size=16, max_size=16)
-        contenders = {
-            "psycopg 3, pipelined (2 trips)": lambda u, s: psycopg_pipeline(pg_pool, u, s),
-            "asyncpg (6 trips)": lambda u, s: asyncpg_tx(pool, u, s),
-        }
-        print("| concurrency | " + " | ".join(contenders) + " | psycopg ÷ asyncpg |")
-        print("|---|---|---|---|")
-        for c in CONCURRENCY:
+        cells: list[tuple[str, int, dict[str, Op]]] = [
+            (
+                "one write a transaction",
+                c,
+                {
+                    "psycopg": one(lambda u, s: psycopg_pipeline(pg_pool, u, s)),
+                    "asyncpg": one(lambda u, s: asyncpg_tx(pool, u, s)),
+                },
+            )
+            for c in CONCURRENCY
+        ]
+        cells.append(
+            (
+                f"{BATCH} writes a transaction",
+                BATCHES_AT_ONCE,
+                {
+                    "psycopg": batched(lambda users: psycopg_batch(pg_pool, users)),
+                    "asyncpg": batched(lambda users: asyncpg_batch(pool, users)),
+                },
+            )
+        )
+        print("| path | tasks | psycopg 3, pipelined | asyncpg | psycopg ÷ asyncpg |")
+        print("|---|---|---|---|---|")
+        for path, c, contenders in cells:
             results: dict[str, list[float]] = {k: [] for k in contenders}
             for _ in range(ROUNDS):
                 for label, op in contenders.items():
                     results[label].append(await measure(op, c))
             medians = [statistics.median(v) for v in results.values()]
-            cells = " | ".join(f"{m:,.0f} tx/s" for m in medians)
-            print(f"| {c} | {cells} | {medians[0] / medians[1]:.2f} |")
+            text = " | ".join(f"{m:,.0f} writes/s" for m in medians)
+            print(f"| {path} | {c} | {text} | {medians[0] / medians[1]:.2f} |")
         await pool.close()
         await pg_pool.close()
     finally:

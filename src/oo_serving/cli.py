@@ -34,8 +34,8 @@ from pydantic import SecretStr, ValidationError
 from uvicorn.config import STARTUP_FAILURE
 
 from oo_serving import __version__
+from oo_serving import server as lifecycle
 from oo_serving import sweep as sweep_mod
-from oo_serving.api import lifecycle
 from oo_serving.api.auth import SHORT_KEY_LENGTH, KeyRing, is_loopback
 from oo_serving.check import CheckReport
 from oo_serving.errors import SchemaError, StoreBusy, StoreUnavailable
@@ -45,6 +45,8 @@ from oo_serving.redact import redact_secrets, redact_url
 from oo_serving.settings import Settings, parse_duration_ms, shadow_names
 from oo_serving.store import migrations, open_store
 from oo_serving.store.factory import backend_of
+from oo_serving.store.memory import MEMORY_URL, is_memory_url
+from oo_serving.store.memory import schema_version as memory_schema_version
 from oo_serving.store.sqlite import sqlite_path
 from oo_serving.wiring import service_of
 
@@ -173,7 +175,10 @@ async def _migrate(settings: Settings) -> int:
     await store.open()  # applies pending migrations, refuses a newer schema
     await store.close()
     # Opened, the schema is this release's latest: older ones were migrated, newer refused.
-    return migrations.load(backend_of(settings.database_url))[-1].version
+    backend = backend_of(settings.database_url)
+    if backend == "memory":
+        return memory_schema_version()
+    return migrations.load(backend)[-1].version
 
 
 def _refuse(message: str) -> NoReturn:
@@ -195,9 +200,18 @@ def _database_error(exc: Exception, database_url: str) -> str:
     return f"{message} (database {redact_url(database_url)})"
 
 
+_MEMORY_OUT_OF_REACH = (
+    f"{MEMORY_URL} keeps its data inside the serving process, where no other command can"
+    " reach it: use a sqlite:/// or postgresql:// database"
+)
+
+
 def _require_database(settings: Settings) -> None:
     """A command that reads a database refuses a SQLite file that is not there: opening
-    it would create an empty one, and report on it as if it were the real one."""
+    it would create an empty one, and report on it as if it were the real one. memory://
+    is refused too: its data lives in the server's process, out of any command's reach."""
+    if is_memory_url(settings.database_url):
+        raise StoreUnavailable(_MEMORY_OUT_OF_REACH)
     if settings.database_url.startswith("sqlite:"):
         path = sqlite_path(settings.database_url)
         if not path.is_file():
@@ -1116,6 +1130,8 @@ def _sqlite_file(database: str | None, not_sqlite: str) -> Path:
         backend = backend_of(settings.database_url)
     except ValueError as exc:
         _refuse(str(exc))
+    if backend == "memory":
+        _refuse(_MEMORY_OUT_OF_REACH)
     if backend != "sqlite":
         _refuse(not_sqlite)
     return sqlite_path(settings.database_url)

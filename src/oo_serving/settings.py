@@ -241,6 +241,18 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _memory_serves_one_process(self) -> Settings:
+        from oo_serving.store.memory import MEMORY_URL, is_memory_url
+
+        if is_memory_url(self.database_url) and self.workers > 1:
+            raise ValueError(
+                f"database_url {MEMORY_URL} keeps every model inside one process, and"
+                f" {self.workers} workers would each have their own: serve it with one"
+                " worker (OO_WORKERS=1), or use a sqlite:/// or postgresql:// database"
+            )
+        return self
+
     @property
     def reward_wait_ms(self) -> int:
         return parse_duration_ms(self.reward_wait)

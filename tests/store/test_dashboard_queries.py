@@ -1,29 +1,24 @@
-"""What the dashboard reads from the store, on both backends, with decisions made by hand:
-the counts per policy and time bucket, a user's recent decisions, and saved reports.
-
-Each test runs on one event loop (`asyncio.run`) that opens the store, works, and closes it.
+"""What the dashboard reads from the store, on every backend (the `store` fixture), with
+decisions made by hand: the counts per policy and time bucket, a user's recent
+decisions, and saved reports. The query plans are each SQL backend's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Awaitable, Callable
 from contextlib import closing
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import psycopg
 import pytest
+from tests.store.support import execute, reopened, run
 
 from oo_serving.core.features import D
 from oo_serving.evaluation import saved
-from oo_serving.settings import Settings
 from oo_serving.store.base import (
     REPORTS_KEPT,
-    STATS_SQL_POSTGRES,
-    STATS_SQL_SQLITE,
     BucketStats,
     DecisionLookup,
     DecisionMark,
@@ -35,35 +30,14 @@ from oo_serving.store.base import (
     Store,
     UserRecord,
 )
-from oo_serving.store.factory import open_store
+from oo_serving.store.memory import MemoryStore
+from oo_serving.store.postgres import PostgresStore
+from oo_serving.store.sql import STATS_SQL_POSTGRES, STATS_SQL_SQLITE
+from oo_serving.store.sqlite import SQLiteStore
 
 T = TypeVar("T")
 BUCKET = 1_000
 SINCE = 100_000
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/d.db"
-    return str(request.getfixturevalue("postgres_url"))
-
-
-def with_store(url: str, body: Callable[[Store], Awaitable[T]]) -> T:
-    """Open a store on `url` (emptied, for the shared PostgreSQL database), run body, close."""
-
-    async def main() -> T:
-        store = open_store(Settings(database_url=url))
-        await store.open()
-        try:
-            if not url.startswith("sqlite"):
-                with psycopg.connect(url, autocommit=True) as conn:
-                    conn.execute("TRUNCATE user_model, decision, pooled, report")
-            return await body(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(main())
 
 
 # ── decisions made by hand ───────────────────────────────────────────────────
@@ -123,7 +97,7 @@ async def reward(store: Store, d: DecisionRecord, value: float, *, source: str =
 # ── decision_stats ───────────────────────────────────────────────────────────
 
 
-def test_decision_stats_counts_each_policy_and_bucket_exactly(database_url: str) -> None:
+def test_decision_stats_counts_each_policy_and_bucket_exactly(store: Store) -> None:
     v1, v2 = "linucb-v1", "linucb-v2"
     # (user, seq, ts, policy, shown, greedy, reward, source)
     rows: list[tuple[str, int, int, str, int, int | None, float | None, str]] = [
@@ -148,7 +122,7 @@ def test_decision_stats_counts_each_policy_and_bucket_exactly(database_url: str)
                 await reward(store, d, value, source=source)
         return await store.decision_stats(SINCE, SINCE + 3_000, BUCKET)
 
-    stats = with_store(database_url, body)
+    stats = run(body(store))
 
     assert stats.buckets == (
         BucketStats(v1, 0, decisions=3, rewarded=2, defaulted=0, reward_sum=1.0,
@@ -164,7 +138,7 @@ def test_decision_stats_counts_each_policy_and_bucket_exactly(database_url: str)
 
 
 def test_exploration_compares_the_shown_tip_with_the_greedy_candidate_by_id(
-    database_url: str,
+    store: Store,
 ) -> None:
     """The shown tip is told by id, as the service does: with an id offered twice, showing
     the other copy is not exploring; ids with quotes and brackets are read whole."""
@@ -176,17 +150,17 @@ def test_exploration_compares_the_shown_tip_with_the_greedy_candidate_by_id(
         await log(store, decision("u", 3, SINCE + 2, shown=1, greedy=1, ids=odd))
         return await store.decision_stats(SINCE, SINCE + 10, BUCKET)
 
-    stats = with_store(database_url, body)
+    stats = run(body(store))
 
     assert [(b.decisions, b.explored) for b in stats.buckets] == [(3, 1)]
 
 
-def test_decision_stats_of_an_empty_range_is_empty(database_url: str) -> None:
+def test_decision_stats_of_an_empty_range_is_empty(store: Store) -> None:
     async def body(store: Store) -> Any:
         await log(store, decision("u", 1, SINCE + 50))
         return await store.decision_stats(SINCE + 100, SINCE + 200, BUCKET)
 
-    stats = with_store(database_url, body)
+    stats = run(body(store))
 
     assert stats.buckets == ()
     assert dict(stats.users) == {}
@@ -194,29 +168,29 @@ def test_decision_stats_of_an_empty_range_is_empty(database_url: str) -> None:
 
 @pytest.mark.parametrize(("since", "until", "bucket"), [(0, 10, 0), (0, 10, -5), (10, 0, 5)])
 def test_decision_stats_refuses_a_range_that_makes_no_sense(
-    database_url: str, since: int, until: int, bucket: int
+    store: Store, since: int, until: int, bucket: int
 ) -> None:
     async def body(store: Store) -> None:
         await store.decision_stats(since, until, bucket)
 
     with pytest.raises(ValueError, match=r"bucket_ms|before it starts"):
-        with_store(database_url, body)
+        run(body(store))
 
 
-def test_decision_stats_reads_through_the_time_index(database_url: str) -> None:
+def test_decision_stats_reads_through_the_time_index_on_sqlite(sqlite_store: SQLiteStore) -> None:
     """The range is found by the index on ts_ms (migration 0002), not by a scan of the log."""
-    if database_url.startswith("sqlite"):
-        path = database_url.removeprefix("sqlite:///")
-        with_store(database_url, lambda store: asyncio.sleep(0))  # migrated
-        with closing(sqlite3.connect(path)) as conn:
-            plan = conn.execute(
-                f"EXPLAIN QUERY PLAN {STATS_SQL_SQLITE}", (0, BUCKET, 0, 10)
-            ).fetchall()
-        assert any("decision_ts" in str(step) for step in plan), plan
-        return
+    with closing(sqlite3.connect(sqlite_store.path)) as conn:
+        plan = conn.execute(f"EXPLAIN QUERY PLAN {STATS_SQL_SQLITE}", (0, BUCKET, 0, 10)).fetchall()
+    assert any("decision_ts" in str(step) for step in plan), plan
+
+
+def test_decision_stats_reads_through_the_time_index_on_postgres(
+    postgres_store: PostgresStore,
+) -> None:
+    """As on SQLite, with a log large enough for the planner to prefer the index."""
 
     def explain() -> str:
-        with psycopg.connect(database_url, autocommit=True) as conn:
+        with psycopg.connect(postgres_store.dsn, autocommit=True) as conn:
             # A log of 20,000 decisions over 20,000 s, and a range of one minute of it.
             conn.execute(
                 "INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x,"
@@ -229,17 +203,14 @@ def test_decision_stats_reads_through_the_time_index(database_url: str) -> None:
             rows = conn.execute(f"EXPLAIN {query}", (5_000_000, BUCKET, 5_000_000, 5_060_000))
             return "\n".join(str(r[0]) for r in rows)
 
-    async def body(store: Store) -> str:
-        return await asyncio.to_thread(explain)
-
-    plan = with_store(database_url, body)
+    plan = run(asyncio.to_thread(explain))
     assert "decision_ts" in plan, plan
 
 
 # ── recent_decisions ─────────────────────────────────────────────────────────
 
 
-def test_recent_decisions_are_the_users_newest_first_with_every_column(database_url: str) -> None:
+def test_recent_decisions_are_the_users_newest_first_with_every_column(store: Store) -> None:
     async def body(store: Store) -> Any:
         for seq in range(1, 6):
             await log(store, decision("me", seq, SINCE + seq, shown=seq % 3, greedy=0))
@@ -251,7 +222,7 @@ def test_recent_decisions_are_the_users_newest_first_with_every_column(database_
             await store.recent_decisions("nobody", 3),
         )
 
-    three, every, none = with_store(database_url, body)
+    three, every, none = run(body(store))
 
     assert [d.seq for d in three] == [5, 4, 3]
     assert [d.seq for d in every] == [5, 4, 3, 2, 1]
@@ -270,7 +241,7 @@ def test_recent_decisions_are_the_users_newest_first_with_every_column(database_
 # ── reports ──────────────────────────────────────────────────────────────────
 
 
-def test_a_saved_report_reads_back_as_it_was_and_the_latest_wins(database_url: str) -> None:
+def test_a_saved_report_reads_back_as_it_was_and_the_latest_wins(store: Store) -> None:
     body_a = {"verdict": "é ✓ <b>", "nested": {"list": [1, 2.5, None, True]}, "n": 3}
     body_b = {"verdict": "second"}
 
@@ -285,7 +256,7 @@ def test_a_saved_report_reads_back_as_it_was_and_the_latest_wins(database_url: s
             await store.latest_report("never-saved"),
         )
 
-    ids, latest, other, never = with_store(database_url, body)
+    ids, latest, other, never = run(body(store))
 
     assert len(set(ids)) == 3
     assert latest is not None
@@ -297,27 +268,30 @@ def test_a_saved_report_reads_back_as_it_was_and_the_latest_wins(database_url: s
     assert never is None
 
 
-def test_only_the_newest_reports_of_a_kind_are_kept(database_url: str) -> None:
+def test_only_the_newest_reports_of_a_kind_are_kept(store: Store) -> None:
     async def body(store: Store) -> Any:
         for i in range(REPORTS_KEPT + 3):
             await store.save_report("evaluate", 1_000 + i, {"i": i})
         await store.save_report("other-kind", 1, {"i": -1})
         return await store.latest_report("evaluate")
 
-    latest = with_store(database_url, body)
+    latest = run(body(store))
     assert latest is not None
     assert latest.body == {"i": REPORTS_KEPT + 2}
+    assert reports_kept(store) == [("evaluate", REPORTS_KEPT, 1_003), ("other-kind", 1, 1)]
+
+
+def reports_kept(store: Store) -> list[tuple[str, int, int]]:
+    """Per kind, the reports the database holds and the oldest's created_ms, by kind."""
+    if isinstance(store, MemoryStore):
+        kinds = sorted({r.kind for r in store.database.reports.values()})
+        of = {k: [r for r in store.database.reports.values() if r.kind == k] for k in kinds}
+        return [(k, len(of[k]), min(r.created_ms for r in of[k])) for k in kinds]
     query = "SELECT kind, count(*), min(created_ms) FROM report GROUP BY kind ORDER BY kind"
-    if database_url.startswith("sqlite"):
-        with closing(sqlite3.connect(database_url.removeprefix("sqlite:///"))) as conn:
-            kept = conn.execute(query).fetchall()
-    else:
-        with psycopg.connect(database_url) as pg:
-            kept = pg.execute(query).fetchall()
-    assert [tuple(r) for r in kept] == [("evaluate", REPORTS_KEPT, 1_003), ("other-kind", 1, 1)]
+    return [(r[0], r[1], r[2]) for r in execute(store, query)]
 
 
-def test_an_evaluation_is_saved_with_its_command_and_range(database_url: str) -> None:
+def test_an_evaluation_is_saved_with_its_command_and_range(store: Store) -> None:
     result = {"events": 10, "users": 2, "estimates": [], "verdict": "too few"}
 
     async def body(store: Store) -> Any:
@@ -327,7 +301,7 @@ def test_an_evaluation_is_saved_with_its_command_and_range(database_url: str) ->
         )  # fmt: skip
         return await saved.latest(store)
 
-    report = with_store(database_url, body)
+    report = run(body(store))
 
     assert report is not None
     assert (report.kind, report.created_ms) == (saved.KIND, 5)
@@ -339,18 +313,22 @@ def test_an_evaluation_is_saved_with_its_command_and_range(database_url: str) ->
     }
 
 
-def test_what_is_not_an_evaluation_result_is_refused_and_nothing_saved(tmp_path: Path) -> None:
+def test_what_is_not_an_evaluation_result_is_refused_and_nothing_saved(store: Store) -> None:
     async def body(store: Store) -> Any:
         with pytest.raises(ValueError, match="estimates, verdict"):
             await saved.save_report(store, {"events": 1, "users": 1})
         return await saved.latest(store)
 
-    assert with_store(f"sqlite:///{tmp_path}/r.db", body) is None
+    assert run(body(store)) is None
 
 
-def test_a_report_survives_reopening_the_database(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/r.db"
-    with_store(url, lambda store: store.save_report("evaluate", 7, {"ok": True}))
-    report = with_store(url, lambda store: store.latest_report("evaluate"))
+def test_a_report_survives_reopening_the_database(store: Store) -> None:
+    run(store.save_report("evaluate", 7, {"ok": True}))
+    run(store.close())
+    other = reopened(store)
+    try:
+        report = run(other.latest_report("evaluate"))
+    finally:
+        run(other.close())
     assert report is not None
     assert report.body == {"ok": True}

@@ -1,47 +1,57 @@
-"""The store contract, run against every store implementation, on real databases.
+"""The store contract, run against every store implementation (memory, SQLite,
+PostgreSQL) through the `store` fixture, on real databases.
 
-The store API is async; each sync test drives it with `asyncio.run`. The store's work
-runs on its own threads, so one store serves several event loops in turn.
+The store API is async; each test drives it with `run`, on the one loop that opened the
+store (tests/store/support.py). Tests of one backend are in test_<backend>_store.py;
+those that write rows behind the store's back in SQL are in test_sql_store.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import fcntl
 import functools
-import itertools
 import os
-import sqlite3
-import threading
-import time
 import uuid
-from collections.abc import Coroutine, Iterator
-from contextlib import AsyncExitStack, closing
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Coroutine
+from typing import Any
 
 import numpy as np
-import orjson
-import psycopg
 import pytest
-from psycopg.types.json import Jsonb
+from tests.store.support import (
+    CANDIDATES,
+    CONTEXT,
+    FEATURES,
+    OTHER_FEATURES,
+    assert_same_user,
+    assert_write_locked,
+    event_ids_of,
+    execute,
+    export_all,
+    f64,
+    log_decision,
+    make_decision,
+    make_service,
+    make_user,
+    make_write,
+    mark,
+    peek,
+    reopened,
+    reward_decision,
+    run,
+    task,
+    v1_arrays,
+    v1_state,
+)
 
 from oo_serving.core.features import D, TaskFeatures, feature_matrix, feature_vector
-from oo_serving.core.linucb import LinUCBState
-from oo_serving.core.registry import DEFAULTS
-from oo_serving.errors import SchemaTooNew, StoreBusy, StoreUnavailable, TipMismatch, UnknownEvent
+from oo_serving.errors import StoreUnavailable, TipMismatch, UnknownEvent
 from oo_serving.service import Candidate, EventIds, Service
-from oo_serving.settings import Settings
-from oo_serving.store import migrations
 from oo_serving.store.base import (
     EXPORT_PAGE_ROWS,
-    EXPORTS_AT_ONCE,
     FOLDED_SHARD,
     POOLED_FOLD_AFTER_MS,
     POOLED_MAX_SHARDS,
     DecisionLookup,
-    DecisionMark,
     DecisionRecord,
     DecisionRef,
     HistoryEntry,
@@ -53,244 +63,7 @@ from oo_serving.store.base import (
     Store,
     UserRecord,
 )
-from oo_serving.store.factory import open_store
-from oo_serving.store.postgres import _SCHEMA_TABLE
-from oo_serving.store.sqlite import SQLiteStore
-
-T = TypeVar("T")
-
-
-class _LoopThread:
-    """One event loop on its own thread for the whole module.
-
-    A store is bound to the loop that opened it (a PostgreSQL pool's tasks live there), so
-    every call a test makes runs on this one loop.
-    """
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=120)
-
-
-_loop: _LoopThread | None = None
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    global _loop
-    if _loop is None:
-        _loop = _LoopThread()
-    return _loop.run(coro)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def store(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Store]:
-    """An opened store on an empty database, closed after the test."""
-    if backend == "sqlite":
-        settings = Settings(database_url=f"sqlite:///{tmp_path}/s.db")
-    else:
-        settings = Settings(database_url=request.getfixturevalue("postgres_url"))
-    s = open_store(settings)
-    run(s.open())
-    if backend == "postgres":
-        with psycopg.connect(settings.database_url, autocommit=True) as conn:
-            conn.execute("TRUNCATE user_model, decision, pooled")
-    yield s
-    run(s.close())
-
-
-# ── records made by hand ─────────────────────────────────────────────────────
-
-FEATURES = {"hour_of_day": 9, "is_overdue": True, "task_age_days": 2.5, "priority": 3}
-CONTEXT = {"hour_of_day": 9, "day_of_week": 1}
-V1 = DEFAULTS["linucb-v1"]
-
-
-def v1_state(A_inv: np.ndarray | None = None, b: np.ndarray | None = None) -> bytes:
-    """A linucb-v1 state as stored: A⁻¹ (identity by default), then b (zeros)."""
-    return V1.encode(
-        LinUCBState(
-            A_inv=np.identity(D) if A_inv is None else A_inv, b=np.zeros(D) if b is None else b
-        )
-    )
-
-
-def v1_arrays(user: UserRecord | None) -> LinUCBState:
-    """A stored linucb-v1 model's (A⁻¹, b)."""
-    assert user is not None
-    assert (user.policy, user.state_version) == ("linucb-v1", 1)
-    state: LinUCBState = V1.decode(user.state, user.state_version)
-    return state
-
-
-def make_user(
-    user_id: str,
-    *,
-    pulls: int = 1,
-    reward_count: int = 0,
-    cumulative_reward: float = 0.0,
-    state: bytes | None = None,
-    ts: int = 1_000,
-) -> UserRecord:
-    return UserRecord(
-        user_id=user_id,
-        policy="linucb-v1",
-        state=v1_state() if state is None else state,
-        state_version=1,
-        pulls=pulls,
-        reward_count=reward_count,
-        cumulative_reward=cumulative_reward,
-        last_updated_ms=ts,
-    )
-
-
-def make_decision(
-    user_id: str,
-    seq: int,
-    event_id: str,
-    *,
-    tip_id: str = "tip-a",
-    x: np.ndarray | None = None,
-    score: float = 0.5,
-    features: dict[str, Any] | None = None,
-) -> DecisionRecord:
-    x = np.full(D, seq / 8.0) if x is None else x
-    features = dict(FEATURES) if features is None else features
-    raw = np.array([list(features.values()), [seq % 24, 0, 0.5, 1]], dtype=np.float64)
-    return DecisionRecord(
-        user_id=user_id,
-        seq=seq,
-        event_id=event_id,
-        ts_ms=1_000 + seq,
-        tip_id=tip_id,
-        features=features,
-        x=x,
-        score=score,
-        policy="linucb-v1",
-        propensity=1.0,
-        model_version=0,
-        candidate_ids=(tip_id, "other"),
-        candidate_X=np.stack([x, -x]),
-        candidate_features=raw,
-        context=dict(CONTEXT),
-    )
-
-
-def log_decision(
-    store: Store,
-    user_id: str,
-    seq: int,
-    event_id: str,
-    *,
-    tip_id: str = "tip-a",
-    x: np.ndarray | None = None,
-    keep_from_seq: int = 1,
-    features: dict[str, Any] | None = None,
-) -> ScoreWrite:
-    """One score transaction that writes the user at pulls=seq and logs one decision."""
-    write = ScoreWrite(
-        user=make_user(user_id, pulls=seq),
-        decision=make_decision(user_id, seq, event_id, tip_id=tip_id, x=x, features=features),
-        keep_from_seq=keep_from_seq,
-    )
-    return run(store.score_tx(user_id, lambda _user, _replay: write))
-
-
-def reward_decision(
-    store: Store, user_id: str, event_id: str, reward: float, ts: int
-) -> RewardWrite:
-    """One reward transaction that marks event_id rewarded (and writes the user as is)."""
-
-    def fn(user: UserRecord | None, ref: DecisionRef | None, _replay: Replay | None) -> RewardWrite:
-        assert user is not None
-        assert ref is not None
-        return RewardWrite(user, mark(event_id, reward, ts), event_id)
-
-    return run(store.reward_tx(user_id, DecisionLookup(tip_id=None, event_id=event_id), fn))
-
-
-def mark(event_id: str, reward: float, ts: int) -> DecisionMark:
-    """The columns of a decision's first reward, learned as the user's first update."""
-    return DecisionMark(event_id, reward, ts, 1, True, 1, "client", reward_n_before=0)
-
-
-def peek(store: Store, user_id: str, lookup: DecisionLookup) -> DecisionRef | None:
-    """The decision a reward would join to, through a reward transaction that writes nothing."""
-    seen: list[DecisionRef | None] = []
-
-    def look(
-        _user: UserRecord | None, ref: DecisionRef | None, _replay: Replay | None
-    ) -> RewardWrite:
-        seen.append(ref)
-        return RewardWrite(None, None, None)
-
-    run(store.reward_tx(user_id, lookup, look))
-    return seen[0]
-
-
-def event_ids_of(store: Store, user_id: str) -> list[str]:
-    return [h.event_id for h in run(store.history(user_id, 1_000_000))]
-
-
-def assert_same_user(a: UserRecord | None, b: UserRecord | None) -> None:
-    assert a is not None
-    assert b is not None
-    assert a.user_id == b.user_id
-    assert a.policy == b.policy
-    assert type(a.state) is bytes
-    assert a.state == b.state
-    assert a.state_version == b.state_version
-    assert (a.pulls, a.reward_count, a.cumulative_reward, a.last_updated_ms) == (
-        b.pulls,
-        b.reward_count,
-        b.cumulative_reward,
-        b.last_updated_ms,
-    )
-
-
-def execute(store: Store, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """One statement on the store's database, behind the store's back (`?` placeholders on
-    both backends); its rows."""
-    if isinstance(store, SQLiteStore):
-        with closing(sqlite3.connect(store.path, isolation_level=None)) as conn:
-            return [tuple(r) for r in conn.execute(sql, params).fetchall()]
-    dsn = store.dsn  # type: ignore[attr-defined]
-    with psycopg.connect(dsn, autocommit=True) as pg:
-        cur = pg.execute(sql.replace("?", "%s").encode(), params)
-        return [tuple(r) for r in cur.fetchall()] if cur.description else []
-
-
-def reopened(store: Store) -> Store:
-    """A second store on the same database, opened."""
-    other: Store
-    if isinstance(store, SQLiteStore):
-        other = sqlite_store(store.path)
-    else:
-        other = open_store(Settings(database_url=store.dsn))  # type: ignore[attr-defined]
-    run(other.open())
-    return other
-
-
-def assert_write_locked(store: Store, user_id: str) -> None:
-    """Another connection cannot take the user's lock now: a transaction holds it."""
-    if isinstance(store, SQLiteStore):
-        conn = sqlite3.connect(store.path, timeout=0, isolation_level=None)
-        with closing(conn), pytest.raises(sqlite3.OperationalError, match="locked"):
-            conn.execute("BEGIN IMMEDIATE")
-        return
-    dsn = store.dsn  # type: ignore[attr-defined]
-    with (
-        psycopg.connect(dsn, autocommit=True) as pg,
-        pytest.raises(psycopg.errors.LockNotAvailable),
-    ):
-        pg.execute("SELECT 1 FROM user_model WHERE user_id = %s FOR UPDATE NOWAIT", (user_id,))
+from oo_serving.store.memory import MemoryStore
 
 
 class Boom(Exception):
@@ -636,18 +409,6 @@ def test_new_decision_columns_round_trip_through_export(store: Store) -> None:
     assert second.context == {}
 
 
-def test_decisions_logged_before_raw_features_read_as_none_and_empty_context(
-    store: Store,
-) -> None:
-    log_decision(store, "u1", 1, "ev-1")
-    execute(store, "UPDATE decision SET candidate_features = NULL, context = NULL")
-
-    _, decisions = export_all(store, "u1")
-
-    assert [(d.candidate_features, d.context) for d in decisions] == [(None, {})]
-    assert decisions[0].candidate_X.shape == (2, D)
-
-
 def test_export_of_an_unknown_user_is_empty(store: Store) -> None:
     assert export_all(store, "nobody") == (None, [])
 
@@ -677,36 +438,6 @@ def test_export_comes_in_bounded_pages_of_one_snapshot(store: Store) -> None:
     assert len(pages) == 4
     assert [d.seq for page in pages for d in page] == list(range(1, total + 1))
     assert run(store.get_user("u1")) is None  # the erasure did happen
-
-
-def test_exports_beyond_the_slots_answer_busy_not_wait_forever(tmp_path: Path) -> None:
-    store = open_store(
-        Settings(database_url=f"sqlite:///{tmp_path}/e.db", sqlite_busy_timeout_ms=300)
-    )
-    run(store.open())
-
-    async def one_too_many() -> None:
-        async with AsyncExitStack() as held:
-            for _ in range(EXPORTS_AT_ONCE):
-                await held.enter_async_context(store.export_user("u1"))
-            with pytest.raises(StoreBusy, match="exports"):
-                async with asyncio.timeout(10):
-                    await held.enter_async_context(store.export_user("u1"))
-        async with store.export_user("u1") as export:  # the slots are free again
-            assert export.user is None
-
-    try:
-        run(one_too_many())
-    finally:
-        run(store.close())
-
-
-def export_all(store: Store, user_id: str) -> tuple[UserRecord | None, list[DecisionRecord]]:
-    async def read() -> tuple[UserRecord | None, list[DecisionRecord]]:
-        async with store.export_user(user_id) as export:
-            return export.user, [d async for page in export.pages for d in page]
-
-    return run(read())
 
 
 # ── reward lookup ────────────────────────────────────────────────────────────
@@ -942,12 +673,14 @@ def test_a_replayed_fn_that_raises_writes_nothing(store: Store, second: type[Exc
 # ── pooled population statistics ─────────────────────────────────────────────
 
 
-def f64(*values: float) -> np.ndarray:
-    return np.array(values, dtype=np.float64)
-
-
 def pooled_rows(store: Store, policy: str) -> dict[str, tuple[int, list[float], int]]:
     """The stored rows of `policy`: shard -> (count, stats, updated_ms)."""
+    if isinstance(store, MemoryStore):
+        shards = store.database.pooled.get(policy, {})
+        return {
+            shard: (row.count, np.frombuffer(row.stats, dtype="<f8").tolist(), row.updated_ms)
+            for shard, row in shards.items()
+        }
     rows = execute(
         store, "SELECT shard, count, stats, updated_ms FROM pooled WHERE policy = ?", (policy,)
     )
@@ -1084,241 +817,7 @@ def test_concurrent_pooled_writes_all_count(store: Store) -> None:
     assert_pooled(store, "p", 60 + POOLED_MAX_SHARDS + 2, total)
 
 
-# ── migrations (SQLite) ──────────────────────────────────────────────────────
-
-
-def sqlite_store(path: Path, busy_timeout_ms: int = 5000) -> SQLiteStore:
-    store = open_store(
-        Settings(database_url=f"sqlite:///{path}", sqlite_busy_timeout_ms=busy_timeout_ms)
-    )
-    assert isinstance(store, SQLiteStore)
-    return store
-
-
-def test_migrations_apply_once(tmp_path: Path) -> None:
-    known = [m.version for m in migrations.load("sqlite")]
-    assert known == list(range(1, len(known) + 1))
-    assert known
-
-    fresh = sqlite_store(tmp_path / "m.db")
-    try:
-        assert fresh.migrate() == known
-        assert fresh.migrate() == []
-    finally:
-        run(fresh.close())
-
-
-def test_opening_twice_is_a_no_op(tmp_path: Path) -> None:
-    path = tmp_path / "m.db"
-    first = sqlite_store(path)
-    run(first.open())
-    try:
-        log_decision(first, "u1", 1, "ev-1")
-        assert first.migrate() == []
-    finally:
-        run(first.close())
-
-    second = sqlite_store(path)
-    run(second.open())
-    try:
-        assert second.migrate() == []
-        assert event_ids_of(second, "u1") == ["ev-1"]
-        assert run(second.get_user("u1")) is not None
-    finally:
-        run(second.close())
-
-    with sqlite3.connect(path) as conn:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-    conn.close()
-    assert version == len(migrations.load("sqlite"))
-    assert mode == "wal"
-
-
-# ── migration 0003: a model becomes its policy's state ───────────────────────
-
-
-def prototype_models() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """linucb-v1 models as schema 2 stored them, (A⁻¹, b), sound (so the check passes)
-    and with bytes that a text conversion would break: NULs (every 0.0), invalid UTF-8,
-    subnormals, -0.0."""
-    odd = np.frombuffer(bytes([0xC3, 0x28, 0x00, 0xFF, 0x00, 0x80, 0xF0, 0x3F]), dtype="<f8")[0]
-    learned = LinUCBState(np.identity(D), np.zeros(D))
-    for x, r in [(f64(0.0, 1.0, 1.0, 0.5, 1.0), 1.0), (f64(0.5, 0.0, 0.0, 1 / 3, 0.0), -0.5)]:
-        learned = V1.update(learned, x, r)
-    return {
-        "diagonal": (
-            np.diag([1 / 3, 5e-324, 1.0, odd, np.nextafter(1.0, 0.0)]),
-            f64(0.0, -0.0, np.pi, -1e308, 1e-310),
-        ),
-        "learned": (learned.A_inv, learned.b),
-        "fresh": (np.identity(D), np.zeros(D)),
-    }
-
-
-def database_at_schema_2(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    """A database made by this project's migrations 1 and 2, applied by hand, holding
-    prototype_models() (one decision each), and on PostgreSQL a row never filled."""
-    old = migrations.load(backend)[:2]
-    user_sql = (
-        "INSERT INTO user_model (user_id, policy, a_inv, b, pulls, reward_count,"
-        " cumulative_reward, last_updated_ms) VALUES (?, 'linucb-v1', ?, ?, 1, 1, 0.5, 77)"
-    )
-    decision_sql = (
-        "INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score,"
-        " policy, propensity, model_version, candidate_ids, candidate_x, reward, rewarded_ms)"
-        " VALUES (?, 1, ?, 10, 'a', ?, ?, 0.5, 'linucb-v1', 1.0, 0, ?, ?, 0.5, 20)"
-    )
-    x = f64(0.0, 1.0, 1.0, 0.5, 1.0)
-    if backend == "sqlite":
-        path = tmp_path / "v2.db"
-        with closing(sqlite3.connect(path, isolation_level=None)) as conn:
-            for migration in old:
-                conn.executescript(migration.sql)
-            conn.execute("PRAGMA user_version = 2")
-            for user_id, (A_inv, b) in prototype_models().items():
-                conn.execute(user_sql, (user_id, A_inv.tobytes(), b.tobytes()))
-                conn.execute(
-                    decision_sql,
-                    (user_id, f"ev-{user_id}", orjson.dumps(FEATURES).decode(), x.tobytes(),
-                     '["a", "b"]', np.stack([x, -x]).tobytes()),
-                )  # fmt: skip
-        return f"sqlite:///{path}"
-    url = str(request.getfixturevalue("fresh_postgres_url"))
-    with psycopg.connect(url, autocommit=True) as pg:
-        pg.execute(_SCHEMA_TABLE)
-        for migration in old:
-            pg.execute(migration.sql.encode())
-            pg.execute(
-                "INSERT INTO oo_schema_version (version, name) VALUES (%s, %s)",
-                (migration.version, migration.name),
-            )
-        for user_id, (A_inv, b) in prototype_models().items():
-            pg.execute(user_sql.replace("?", "%s"), (user_id, A_inv.tobytes(), b.tobytes()))
-            pg.execute(
-                decision_sql.replace("?", "%s"),
-                (user_id, f"ev-{user_id}", Jsonb(FEATURES), x.tobytes(), ["a", "b"],
-                 np.stack([x, -x]).tobytes()),
-            )  # fmt: skip
-        pg.execute("INSERT INTO user_model (user_id) VALUES ('never-filled')")
-    return url
-
-
-def test_migration_3_turns_linucb_v1_models_into_their_exact_states(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
-) -> None:
-    url = database_at_schema_2(backend, tmp_path, request)
-    store = open_store(Settings(database_url=url))
-    run(store.open())  # migrates
-    try:
-        for user_id, (A_inv, b) in prototype_models().items():
-            user = run(store.get_user(user_id))
-            assert user is not None
-            assert user.state == A_inv.tobytes() + b.tobytes()
-            state = V1.decode(user.state, 1)
-            assert state.A_inv.tobytes() == A_inv.tobytes()
-            assert state.b.tobytes() == b.tobytes()
-            assert (user.policy, user.state_version) == ("linucb-v1", 1)
-            assert (user.pulls, user.reward_count, user.cumulative_reward) == (1, 1, 0.5)
-            assert user.last_updated_ms == 77
-            _, (decision,) = export_all(store, user_id)
-            assert (decision.candidate_features, decision.context) == (None, {})
-            assert (decision.event_id, decision.features, decision.reward) == (
-                f"ev-{user_id}", FEATURES, 0.5,
-            )  # fmt: skip
-            assert decision.candidate_X.shape == (2, D)
-        if backend == "sqlite":
-            assert execute(store, "SELECT DISTINCT typeof(state) FROM user_model") == [("blob",)]
-        else:
-            assert run(store.get_user("never-filled")) is None
-            assert execute(
-                store,
-                "SELECT state, state_version FROM user_model WHERE user_id = 'never-filled'",
-            ) == [(None, None)]
-            execute(store, "DELETE FROM user_model WHERE user_id = 'never-filled'")
-        report = run(store.check())
-        assert report.violations == {}
-        assert (report.models, report.decisions) == (3, 3)
-        # Served on from there: the migrated model is the one the service learns on.
-        service = make_service(store)
-        scored = run(service.score("learned", CANDIDATES))
-        run(service.reward("learned", scored.tip_id, 1.0, None, scored.event_id))
-        x = feature_vector(next(c.features for c in CANDIDATES if c.id == scored.tip_id))
-        A_inv, b = prototype_models()["learned"]
-        expected = V1.update(LinUCBState(A_inv, b), x, 1.0)
-        assert run(store.get_user("learned")).state == V1.encode(expected)  # type: ignore[union-attr]
-    finally:
-        run(store.close())
-    if backend == "sqlite":
-        path = Path(url.removeprefix("sqlite:///"))
-        with closing(sqlite3.connect(path)) as conn:
-            assert conn.execute("PRAGMA user_version").fetchone()[0] == len(
-                migrations.load("sqlite")
-            )
-            columns = [r[1] for r in conn.execute("PRAGMA table_info(user_model)")]
-            assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    else:
-        with psycopg.connect(url) as pg:
-            columns = [
-                r[0]
-                for r in pg.execute(
-                    "SELECT column_name FROM information_schema.columns"
-                    " WHERE table_name = 'user_model' ORDER BY ordinal_position"
-                )
-            ]
-    assert "a_inv" not in columns
-    assert "b" not in columns
-    assert {"state", "state_version"} <= set(columns)
-
-
-def test_the_sqlite_migration_aborts_on_a_state_that_is_not_exact(
-    tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The migration compares every converted state with its two old columns byte for
-    byte, and any difference aborts it, leaving schema 2 as it was. SQLite copies exactly,
-    so the copy is damaged on purpose here (one byte more) to show the guard acts."""
-    url = database_at_schema_2("sqlite", tmp_path, request)
-    known = migrations.load("sqlite")
-    exact = "CAST(a_inv || b AS BLOB)"
-    assert exact in known[2].sql
-    damaged = dataclasses.replace(known[2], sql=known[2].sql.replace(exact, f"{exact} || x'00'"))
-    monkeypatch.setattr(migrations, "load", lambda backend: [*known[:2], damaged])
-
-    store = open_store(Settings(database_url=url))
-    with pytest.raises(StoreUnavailable, match="CHECK constraint failed"):
-        run(store.open())
-    run(store.close())
-
-    with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        a_inv = conn.execute("SELECT a_inv FROM user_model WHERE user_id = 'diagonal'").fetchone()
-    assert tables == {"user_model", "decision"}
-    assert a_inv[0] == prototype_models()["diagonal"][0].tobytes()
-
-
-def test_a_schema_newer_than_this_release_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "future.db"
-    newer = len(migrations.load("sqlite")) + 1
-    conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE from_the_future (x INTEGER)")
-    conn.execute(f"PRAGMA user_version = {newer}")
-    conn.commit()
-    conn.close()
-
-    store = sqlite_store(path)
-    try:
-        with pytest.raises(SchemaTooNew, match=str(newer)):
-            run(store.open())
-    finally:
-        run(store.close())
-
-    conn = sqlite3.connect(path)
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    conn.close()
-    assert version == newer
-    assert tables == {"from_the_future"}
+# ── a closed store ───────────────────────────────────────────────────────────
 
 
 def test_a_closed_store_refuses_work(store: Store) -> None:
@@ -1330,29 +829,6 @@ def test_a_closed_store_refuses_work(store: Store) -> None:
 
 
 # ── the service on a real store ──────────────────────────────────────────────
-
-
-def task(hour: int, overdue: bool, age: float, priority: int) -> TaskFeatures:
-    return TaskFeatures(hour_of_day=hour, is_overdue=overdue, task_age_days=age, priority=priority)
-
-
-def make_service(store: Store, **kwargs: Any) -> Service:
-    counter = itertools.count(1)
-    clock = itertools.count(1_000)
-    return Service(
-        store,
-        event_ids=lambda: f"ev-{next(counter)}",
-        clock_ms=lambda: next(clock),
-        **kwargs,
-    )
-
-
-CANDIDATES = [
-    Candidate("tip-small", task(12, False, 0, 1)),
-    Candidate("tip-big", task(6, True, 30, 4)),
-    Candidate("tip-mid", task(18, False, 15, 2)),
-]
-OTHER_FEATURES = task(3, False, 1, 2)
 
 
 def closed_form(observed: list[tuple[np.ndarray, float]]) -> tuple[np.ndarray, np.ndarray]:
@@ -1624,29 +1100,6 @@ def test_prune_decisions_deletes_only_older_ones_in_batches(store: Store) -> Non
     assert run(store.get_user("u1")) is not None  # models are never pruned
 
 
-def test_postgres_keeps_no_per_user_state_after_a_burst(postgres_url: str) -> None:
-    """The in-process queue per user (PostgreSQL's) empties: memory does not grow with users."""
-    store = open_store(Settings(database_url=postgres_url))
-    run(store.open())
-    service = Service(store)
-    candidates = [Candidate(id="a", features=TaskFeatures(9, False, 0.0, 1))]
-    users = [f"burst-{uuid.uuid4().hex[:8]}-{i}" for i in range(7)]
-
-    async def burst() -> None:
-        await asyncio.gather(
-            *(service.score(users[i % 7], candidates) for i in range(70)),
-            *(service.reward(users[i % 7], "a", 1.0, candidates[0].features) for i in range(70)),
-        )
-
-    try:
-        run(burst())
-        assert [run(store.get_user(u)).pulls for u in users] == [10] * 7  # type: ignore[union-attr]
-        assert [run(store.get_user(u)).reward_count for u in users] == [10] * 7  # type: ignore[union-attr]
-        assert store._turns == {}  # type: ignore[attr-defined]
-    finally:
-        run(store.close())
-
-
 def test_concurrent_writes_where_some_fail_keep_the_others(store: Store) -> None:
     """Writes that run together (SQLite commits them in one batch) fail or succeed alone."""
     service = Service(store)
@@ -1674,153 +1127,7 @@ def test_concurrent_writes_where_some_fail_keep_the_others(store: Store) -> None
     assert len(run(store.history("mixed", 1000))) == 48
 
 
-# ── faults: bounded waits, a writer that survives, erasure racing a write ────
-
-
-def test_a_held_write_lock_answers_busy_within_the_deadline_and_writes_nothing(
-    tmp_path: Path,
-) -> None:
-    """Another process holds the writers' flock (a stopped worker, a long prune): a write
-    is withdrawn at its deadline, answered StoreBusy, and never runs later."""
-    store = sqlite_store(tmp_path / "f.db", busy_timeout_ms=300)
-    run(store.open())
-    try:
-        fd = os.open(store.lock_path, os.O_RDWR)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            # Before, these waited for the lock forever (run() gives up after 120 s).
-            with pytest.raises(StoreBusy, match="OO_SQLITE_BUSY_TIMEOUT_MS"):
-                log_decision(store, "u1", 1, "ev-1")
-            with pytest.raises(StoreBusy):
-                run(store.ping())
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-        log_decision(store, "u1", 1, "ev-2")
-        assert event_ids_of(store, "u1") == ["ev-2"]  # the withdrawn write never ran
-        run(store.ping())
-    finally:
-        run(store.close())
-
-
-def test_the_writer_survives_a_failure_to_start_and_ready_says_so(tmp_path: Path) -> None:
-    """The lock file cannot be opened (here: a directory stands in its place). Each write
-    answers StoreUnavailable at once instead of hanging, ping fails, and writes work again
-    once the cause is gone, without a restart."""
-    path = tmp_path / "w.db"
-    first = sqlite_store(path)
-    run(first.open())
-    run(first.close())
-    first.lock_path.unlink()
-    first.lock_path.mkdir()
-
-    store = sqlite_store(path)
-    run(store.open())
-    try:
-        with pytest.raises(StoreUnavailable):
-            run(
-                asyncio.wait_for(
-                    store.score_tx("u1", lambda _user, _replay: make_write("u1", 1)), 10
-                )
-            )
-        with pytest.raises(StoreUnavailable):
-            run(asyncio.wait_for(store.ping(), 10))
-        store.lock_path.rmdir()
-        log_decision(store, "u1", 1, "ev-1")
-        run(store.ping())
-        assert event_ids_of(store, "u1") == ["ev-1"]
-    finally:
-        run(store.close())
-
-
-def test_a_restarted_worker_opens_while_another_holds_the_write_lock(tmp_path: Path) -> None:
-    """Opening a store on a current schema takes no write lock: a worker restarted while
-    the others write cannot time out on its way up."""
-    path = tmp_path / "r.db"
-    writer = sqlite_store(path, busy_timeout_ms=200)
-    run(writer.open())
-    try:
-        fd = os.open(writer.lock_path, os.O_RDWR)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        blocker = sqlite3.connect(path)
-        blocker.execute("BEGIN IMMEDIATE")  # SQLite's own write lock too
-        try:
-            restarted = sqlite_store(path, busy_timeout_ms=200)
-            run(restarted.open())
-            run(restarted.close())
-        finally:
-            blocker.rollback()
-            blocker.close()
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-    finally:
-        run(writer.close())
-
-
-def make_write(user_id: str, seq: int) -> ScoreWrite:
-    return ScoreWrite(make_user(user_id, pulls=seq), make_decision(user_id, seq, f"e{seq}"), 1)
-
-
-def test_postgres_erasure_between_a_writes_insert_and_its_lock_starts_a_fresh_user(
-    postgres_url: str,
-) -> None:
-    """The race that left users stuck: a write's INSERT … ON CONFLICT finds the row, an
-    erasure commits, then the write's SELECT … FOR UPDATE finds none. Made deterministic
-    by holding the row lock from another connection while the erasure is prepared."""
-    store = open_store(Settings(database_url=postgres_url))
-    run(store.open())
-    user = f"race-{uuid.uuid4().hex[:8]}"
-    try:
-        log_decision(store, user, 1, "old-1")
-        with psycopg.connect(postgres_url, autocommit=False) as eraser:
-            eraser.execute("SELECT 1 FROM user_model WHERE user_id = %s FOR UPDATE", (user,))
-            seen: list[UserRecord | None] = []
-
-            def fn(u: UserRecord | None, _replay: Replay | None) -> ScoreWrite:
-                seen.append(u)
-                return make_write(user, (u.pulls if u else 0) + 1)
-
-            pending = asyncio.run_coroutine_threadsafe(store.score_tx(user, fn), loop())
-            time.sleep(0.5)  # the write has made sure the row exists and waits for its lock
-            assert not pending.done()
-            eraser.execute("DELETE FROM user_model WHERE user_id = %s", (user,))
-            eraser.execute("DELETE FROM decision WHERE user_id = %s", (user,))
-            eraser.commit()
-            pending.result(timeout=30)
-        assert seen == [None]  # ordered after the erasure: a fresh user
-        stored = run(store.get_user(user))
-        assert stored is not None
-        assert stored.pulls == 1
-        assert event_ids_of(store, user) == ["e1"]
-        log_decision(store, user, 2, "next")  # not stuck: the next write works
-        assert event_ids_of(store, user) == ["e1", "next"]
-    finally:
-        run(store.close())
-
-
-def loop() -> asyncio.AbstractEventLoop:
-    run(asyncio.sleep(0))
-    assert _loop is not None
-    return _loop.loop
-
-
-# ── pruning by time uses an index; event ids come from the OS ───────────────
-
-
-def test_pruning_by_time_uses_the_decision_time_index(store: Store) -> None:
-    if isinstance(store, SQLiteStore):
-        with sqlite3.connect(store.path) as conn:
-            plan = conn.execute(
-                "EXPLAIN QUERY PLAN DELETE FROM decision WHERE rowid IN"
-                " (SELECT rowid FROM decision WHERE ts_ms < 5 LIMIT 10)"
-            ).fetchall()
-        conn.close()
-        assert any("decision_ts" in str(step) for step in plan), plan
-    else:
-        url = store.dsn  # type: ignore[attr-defined]
-        with psycopg.connect(url) as conn:
-            names = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes")}
-        assert "decision_ts" in names
+# ── event ids come from the OS ───────────────────────────────────────────────
 
 
 def test_event_ids_carry_the_operating_systems_random_bits(
@@ -1842,3 +1149,26 @@ def test_event_ids_carry_the_operating_systems_random_bits(
     assert first.int & low_bits == int.from_bytes(bytes(range(10)), "big") & low_bits
     assert second.int & low_bits == int.from_bytes(bytes(range(10, 20)), "big") & low_bits
     assert first.version == second.version == 7
+
+
+# ── the consistency check ────────────────────────────────────────────────────
+
+
+def test_a_store_the_service_wrote_checks_clean(store: Store) -> None:
+    service = make_service(store)
+    for i in range(3):
+        scored = run(service.score(f"u{i}", CANDIDATES))
+        run(service.reward(f"u{i}", scored.tip_id, 0.5, None, scored.event_id))
+    run(service.score("u0", CANDIDATES))
+    run(service.reward("u1", "tip-none", -1.0, OTHER_FEATURES))  # learned on the request
+    run(service.reward("rewarded-only", "tip-none", 1.0, OTHER_FEATURES))  # no decision
+
+    report = run(store.check())
+
+    assert report.violations == {}
+    assert (report.models, report.decisions) == (4, 4)
+    assert not report.summed_rewards
+    summed = run(store.check(summed_rewards=True))
+    assert summed.ok
+    assert summed.summed_rewards
+    assert "cumulative_reward_bound" in summed.skipped

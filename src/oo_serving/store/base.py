@@ -363,6 +363,7 @@ class Store(Protocol):
         decision's reward is bounded by its reward_n, and a user's total by nothing."""
 
 
+# The columns each row codec below reads, in its order; the statements are in store.sql.
 USER_COLUMNS = (
     "policy, state, state_version, pulls, reward_count, cumulative_reward, last_updated_ms, shadows"
 )
@@ -374,58 +375,7 @@ DECISION_COLUMNS = (
     " model_version, candidate_ids, candidate_x, candidate_features, context, reward,"
     " rewarded_ms, candidate_p, greedy, shadow, reward_n, learned, reward_source"
 )
-REPLAY_SQL = (
-    "SELECT features, reward FROM decision WHERE user_id = ? AND learned IS TRUE"
-    " ORDER BY rewarded_ms, seq"
-)
-"""The user's learned rewards in the order they were learned: a Replay (`?`: user_id)."""
-MARK_SQL = (
-    "UPDATE decision SET reward = ?, rewarded_ms = coalesce(rewarded_ms, ?), reward_n = ?,"
-    " learned = ?, learned_at = ?, reward_source = coalesce(reward_source, ?)"
-    " WHERE user_id = ? AND event_id = ? AND reward_n = ?"
-)
-"""A DecisionMark (`?`: mark_params). The first reward's time and source stay."""
-UNREWARDED_SQL = (
-    "SELECT ts_ms, user_id, seq, event_id FROM decision"
-    " WHERE ts_ms >= ? AND ts_ms < ? AND reward IS NULL"
-    " AND (ts_ms, user_id, seq) > (?, ?, ?) ORDER BY ts_ms, user_id, seq LIMIT ?"
-)
-"""A page of unrewarded decisions (`?`: since, until, then the keyset after, limit)."""
-SWEEP_MARK_SQL = "SELECT until_ms FROM sweep_mark WHERE name = ?"
-"""How far a sweep has gone (`?`: its name)."""
-_STATS_SQL = (
-    "SELECT policy, (ts_ms - ?) / ? AS bucket, count(*), count(reward),"
-    " count(CASE WHEN reward_source = 'default' THEN 1 END),"
-    " coalesce(sum(reward), 0), coalesce(sum(reward * reward), 0),"
-    " count(CASE WHEN greedy IS NOT NULL AND tip_id <> {greedy_tip} THEN 1 END),"
-    " min(reward), max(reward)"
-    " FROM decision WHERE ts_ms >= ? AND ts_ms < ?"
-    " GROUP BY policy, bucket ORDER BY policy, bucket"
-)
-STATS_SQL_SQLITE = _STATS_SQL.format(
-    greedy_tip="json_extract(candidate_ids, '$[' || greedy || ']')"
-)
-"""A range's BucketStats rows on SQLite (`?`: since, bucket_ms, since, until); the
-candidate ids are a JSON array there."""
-STATS_SQL_POSTGRES = _STATS_SQL.format(greedy_tip="candidate_ids[greedy + 1]")
-"""As STATS_SQL_SQLITE on PostgreSQL, whose candidate ids are a text[] indexed from 1."""
-STATS_USERS_SQL = (
-    "SELECT policy, count(DISTINCT user_id) FROM decision WHERE ts_ms >= ? AND ts_ms < ?"
-    " GROUP BY policy"
-)
-"""Distinct users per policy over a range (`?`: since, until)."""
-RECENT_SQL = f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = ? ORDER BY seq DESC LIMIT ?"
-"""A user's last decisions, newest first (`?`: user_id, limit)."""
 REPORT_COLUMNS = "id, kind, created_ms, body"
-LATEST_REPORT_SQL = (
-    f"SELECT {REPORT_COLUMNS} FROM report WHERE kind = ? ORDER BY created_ms DESC, id DESC LIMIT 1"
-)
-"""The newest report of a kind (`?`: kind)."""
-TRIM_REPORTS_SQL = (
-    "DELETE FROM report WHERE kind = ? AND id NOT IN"
-    " (SELECT id FROM report WHERE kind = ? ORDER BY created_ms DESC, id DESC LIMIT ?)"
-)
-"""Delete all but the newest reports of a kind (`?`: kind, kind, how many to keep)."""
 
 
 def user_from_row(user_id: str, row: Sequence[Any] | None) -> UserRecord | None:
@@ -454,7 +404,7 @@ def user_params(u: UserRecord) -> tuple[Any, ...]:
 
 
 def mark_params(user_id: str, m: DecisionMark) -> tuple[Any, ...]:
-    """The values of MARK_SQL for a mark of user_id's decision."""
+    """The values of store.sql.MARK_SQL for a mark of user_id's decision."""
     return (
         m.reward, m.rewarded_ms, m.reward_n, m.learned, m.learned_at, m.reward_source,
         user_id, m.event_id, m.reward_n_before,
@@ -481,7 +431,7 @@ def ref_from_row(row: Sequence[Any] | None, *, json_as_text: bool) -> DecisionRe
 
 
 def replay_from_rows(rows: Sequence[Sequence[Any]], *, json_as_text: bool) -> list[LoggedReward]:
-    """The Replay from the rows of REPLAY_SQL."""
+    """The Replay from the rows of store.sql.REPLAY_SQL."""
     return [LoggedReward(features=from_json(r[0], json_as_text), reward=r[1]) for r in rows]
 
 
@@ -507,7 +457,7 @@ def decision_from_row(r: Sequence[Any], *, json_as_text: bool) -> DecisionRecord
 
 
 def bucket_stats_from_rows(rows: Sequence[Sequence[Any]]) -> tuple[BucketStats, ...]:
-    """The BucketStats of the rows of STATS_SQL_*."""
+    """The BucketStats of the rows of store.sql.STATS_SQL."""
     return tuple(
         BucketStats(
             policy=str(r[0]), bucket=int(r[1]), decisions=int(r[2]), rewarded=int(r[3]),

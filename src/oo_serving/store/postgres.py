@@ -1,181 +1,173 @@
 """PostgreSQL: one database shared by any number of `oo-serving` replicas.
 
-Round trips. Each write is two round trips, using psycopg's pipeline mode:
+Round trips. A /score write is batched with the other score writes in flight in this
+process (group commit): one transaction for up to 64 users, one WAL flush for them all.
+Two round trips, using psycopg's pipeline mode:
 
-    1. BEGIN; make sure the user's row exists; SELECT it FOR UPDATE (and, for a reward,
-       its decision)                                              -- one round trip
-       ... the service's pure function runs here, the row locked ...
-    2. UPDATE the row; INSERT/UPDATE/DELETE decisions; COMMIT     -- one round trip
+    1. BEGIN; make sure every user's row exists (one INSERT); lock the rows (one SELECT
+       ... ORDER BY user_id FOR UPDATE SKIP LOCKED)                -- one round trip
+       ... each write's pure function runs here, the rows locked ...
+    2. UPDATE the rows; INSERT the decisions; prune; COMMIT       -- one round trip
+
+A batch starts at once when fewer than two are in flight; otherwise the writes queue, and
+the next batch to finish takes everything queued meanwhile. A reward, an erasure and a
+score write the batch leaves out (below) are each a transaction of their own, the same
+two round trips for one user (and, for a reward, its decision).
 
 Atomicity across replicas. The row lock serialises every read-modify-write of one user,
 across connections and replicas; the lock is held from step 1 to COMMIT. A user's first
 request inserts a row with no model (`state` NULL) before locking it, so two first
-requests for a new user serialise too. Other users never wait. A function that needs
-the user's learned rewards (ReplayNeeded) gets them by one more round trip between the
-two, the row still locked.
+requests for a new user serialise too. In this process a user has one write in flight at
+a time (the others wait their turn), so a batch holds each user once. A batch never
+waits for a row lock: a row another transaction holds (another replica's batch, a
+reward, an erasure) is skipped, and that user's write is then made alone, waiting for the
+lock; so batches cannot deadlock (the argument is at _LOCK_USERS), and one user's held
+lock holds up no other user. A function that needs the user's learned rewards
+(ReplayNeeded) gets them by one more round trip between the two, the rows still locked.
 
 Erasure takes part in the same order: its DELETE of the user's row waits for the row
 lock, and deletes the decisions in a later statement, which sees what the write before
 it committed. A write whose row was erased between its INSERT and its lock finds no row
-to lock; it then makes the row again and locks that, in the same transaction, so it is
-ordered after the erasure and starts a fresh user. Every statement that must change one
-row fails the transaction if it changed none, so nothing is acknowledged that is not
+to lock; it then makes the row again and locks that (alone, if it was in a batch), so it
+is ordered after the erasure and starts a fresh user. Every statement that must change
+one row fails the transaction if it changed none, so nothing is acknowledged that is not
 stored.
 
-Deadline. The wait for this user's earlier writes in this process, the wait for a pooled
-connection and both round trips count against one deadline (`pool_timeout_s` + twice
-`statement_timeout_ms` + 1 s); past it the answer is 503 and nothing was written.
+Deadline. The wait for this user's earlier writes in this process, for a batch to take
+the write, for a pooled connection, both round trips and, if the write is made alone
+after all, its own transaction count against one deadline (`pool_timeout_s` + twice
+`statement_timeout_ms` + 1 s); past it the answer is 503. A write whose deadline passes
+before its batch sends step 2 is left out of the batch and nothing of it is written; one
+whose deadline passes during step 2 may or may not be stored, as after a break there.
 
-Failures. A connection that breaks in step 1 has committed nothing, so the transaction
-is retried once on a fresh connection. Any other database failure, a pool that cannot
-hand out a connection within `pool_timeout_s`, or a statement or lock wait past
-`statement_timeout_ms` answers 503 (StoreUnavailable / StoreBusy) with nothing written
-(a break during step 2 may or may not have committed: a retried reward with its
-event_id is then acknowledged without being learned twice). The pool replaces broken
-connections by itself, so the service recovers when the database returns.
+Failures. A score write whose function raises is answered with its error and writes
+nothing; the rest of its batch goes on. A connection that breaks in step 1 has committed
+nothing, so the transaction (a batch, or a write alone) is retried once on a fresh
+connection. A batch the server refuses on a live connection (a lock or statement
+time-out, a deadlock broken, a constraint) has rolled back, so each of its writes is made
+again alone: one user's fault fails that user's write only. Otherwise a database failure,
+a pool that cannot hand out a connection within `pool_timeout_s`, or (for a write alone)
+a statement or lock wait past `statement_timeout_ms` answers 503 (StoreUnavailable /
+StoreBusy) to every write of the transaction, acknowledging none (a break during step 2
+may or may not have committed: a retried reward with its event_id is then acknowledged
+without being learned twice; a retried /score is a new decision). The pool replaces
+broken connections by itself, so the service recovers when the database returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import orjson
 import psycopg
 import psycopg.errors
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout
 
 from oo_serving.check import CheckReport
 from oo_serving.core.features import Vector
-from oo_serving.core.policy import Pooled
-from oo_serving.errors import StoreBusy, StoreUnavailable
+from oo_serving.errors import StoreBusy, StoreUnavailable, Unavailable
 from oo_serving.redact import redact_url
 from oo_serving.store import consistency, migrations
 from oo_serving.store.base import (
-    DECISION_COLUMNS,
     EXPORT_PAGE_ROWS,
     EXPORTS_AT_ONCE,
     FOLDED_SHARD,
-    LATEST_REPORT_SQL,
     LOG_PAGE_ROWS,
-    MARK_SQL,
     POOLED_FOLD_AFTER_MS,
     POOLED_MAX_SHARDS,
-    RECENT_SQL,
-    REF_COLUMNS,
-    REPLAY_SQL,
     REPORTS_KEPT,
-    STATS_SQL_POSTGRES,
-    STATS_USERS_SQL,
-    SWEEP_MARK_SQL,
-    TRIM_REPORTS_SQL,
-    UNREWARDED_SQL,
-    USER_COLUMNS,
     DecisionLookup,
     DecisionRecord,
-    DecisionStats,
-    HistoryEntry,
-    Keyset,
     LoggedReward,
     ReplayNeeded,
     RewardFn,
     RewardWrite,
-    SavedReport,
     ScoreFn,
     ScoreWrite,
     Slots,
     UserExport,
     UserRecord,
     add_stats,
-    bucket_stats_from_rows,
-    check_stats_range,
-    decision_from_row,
     encode_array,
-    encode_optional,
     mark_params,
     pooled_stats,
     ref_from_row,
     refuse_newer,
     replay_from_rows,
-    report_from_row,
     require_current,
     sum_pooled,
     user_from_row,
     user_params,
 )
+from oo_serving.store.sql import POSTGRES, Rows, SQLStore, statements
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[Any]
 Row = tuple[Any, ...]
 
+_SQL = statements(POSTGRES)
+_decision_params = _SQL.decision_params
+
+
+def _one_row(statement: str) -> str:
+    """A statement that must change exactly one row, divided by the rows it changed: if it
+    changes none, that fails the transaction inside the pipeline, before COMMIT can run."""
+    return f"WITH changed AS ({statement} RETURNING 1) SELECT 1 / count(*) FROM changed"
+
+
 _ENSURE_USER = "INSERT INTO user_model (user_id) VALUES (%s) ON CONFLICT (user_id) DO NOTHING"
-_LOCK_USER = f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = %s FOR UPDATE"
-# A statement that must change exactly one row divides by the rows it changed, so that
-# changing none fails the transaction inside the pipeline, before its COMMIT can run.
-_UPDATE_USER = """
-WITH changed AS (
-    UPDATE user_model SET policy = %s, state = %s, state_version = %s, pulls = %s,
-        reward_count = %s, cumulative_reward = %s, last_updated_ms = %s, shadows = %s
-    WHERE user_id = %s
-    RETURNING 1
+_LOCK_USER = f"{_SQL.select_user} FOR UPDATE"
+# A batch's rows, made in one statement (in user_id order: see _LOCK_USERS) and locked in
+# another. RETURNING names the rows this transaction made.
+_ENSURE_USERS = """
+INSERT INTO user_model (user_id) SELECT u FROM unnest(%s::text[]) AS u ORDER BY u
+ON CONFLICT (user_id) DO NOTHING RETURNING user_id
+"""
+# Why batches cannot deadlock, with each other or with single writes:
+# - A batch never waits for a row lock: SKIP LOCKED leaves out a row another transaction
+#   holds (another replica's batch, a reward, an erasure, any client), and that user's
+#   write is then made alone, on the single path, which waits for the lock as before.
+# - The only waits of a batch's first round trip are its INSERT's, for another
+#   transaction's uncommitted insertion or deletion of the same user_id. Every batch
+#   inserts in user_id order, so of two batches each waiting for the other, each would
+#   have had to insert the other's key first: impossible. A single write (and an
+#   erasure) holds at most its one user's row and waits only on that user, so it closes
+#   no cycle either: a batch that waits for it holds nothing it needs.
+# - In the second round trip a batch writes only its locked users' rows and decisions,
+#   which no other transaction of the service writes while it holds them.
+#   (prune_decisions deletes old decisions of any user, as it does beside single writes;
+#   PostgreSQL breaks such a rare deadlock by failing one side, and a batch that fails
+#   so is retried write by write: see _Batch.failed.)
+_LOCK_USERS = f"{_SQL.select_users(1)} ORDER BY user_id FOR UPDATE SKIP LOCKED"
+# Rows a batch made for writes it did not make (their function failed, or their deadline
+# passed): gone again, as they would be had the write run alone and rolled back.
+_DROP_MADE = "DELETE FROM user_model WHERE user_id = ANY(%s) AND state IS NULL"
+# PostgreSQL's own: a user's row is made (empty) and locked before its function runs, so
+# the model is written by an UPDATE of the locked row (parameters: _update_params).
+_UPDATE_USER = _one_row(
+    "UPDATE user_model SET policy = %s, state = %s, state_version = %s, pulls = %s,"
+    " reward_count = %s, cumulative_reward = %s, last_updated_ms = %s, shadows = %s"
+    " WHERE user_id = %s"
 )
-SELECT 1 / count(*) FROM changed
-"""
-_MARK_REWARDED = f"""
-WITH changed AS ({MARK_SQL.replace("?", "%s")} RETURNING 1)
-SELECT 1 / count(*) FROM changed
-"""
-_UNREWARDED = UNREWARDED_SQL.replace("?", "%s")
-_SWEEP_MARK = SWEEP_MARK_SQL.replace("?", "%s")
-_SET_SWEEP_MARK = """
-INSERT INTO sweep_mark (name, until_ms) VALUES (%s, %s)
-ON CONFLICT (name) DO UPDATE SET until_ms = greatest(sweep_mark.until_ms, excluded.until_ms)
-"""
-_INSERT_DECISION = """
-INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score, policy,
-                      propensity, model_version, candidate_ids, candidate_x,
-                      candidate_features, context, candidate_p, greedy, shadow)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-"""
-_REPLAY = REPLAY_SQL.replace("?", "%s")
-_STATS = STATS_SQL_POSTGRES.replace("?", "%s")
-_STATS_USERS = STATS_USERS_SQL.replace("?", "%s")
-_RECENT = RECENT_SQL.replace("?", "%s")
-_LATEST_REPORT = LATEST_REPORT_SQL.replace("?", "%s")
-_TRIM_REPORTS = TRIM_REPORTS_SQL.replace("?", "%s")
-_INSERT_REPORT = (
-    "INSERT INTO report (kind, created_ms, body) VALUES (%s, %s, %s::jsonb) RETURNING id"
-)
+_MARK_REWARDED = _one_row(_SQL.mark)
+_INSERT_REPORT = f"{_SQL.insert_report} RETURNING id"
 # A pooled row is made (empty: count 0, stats zero) before it is locked, as a user's is.
 _ENSURE_POOLED = """
 INSERT INTO pooled (policy, shard, count, stats, updated_ms) VALUES (%s, %s, 0, %s, %s)
 ON CONFLICT (policy, shard) DO NOTHING
 """
-_LOCK_POOLED = "SELECT count, stats FROM pooled WHERE policy = %s AND shard = %s FOR UPDATE"
-_COUNT_POOLED = "SELECT count(*) FROM pooled WHERE policy = %s"
+_LOCK_POOLED = f"{_SQL.pooled_row} FOR UPDATE"
 # Rows being written by their own process are skipped, not waited for: they are alive,
 # and two processes folding at once then never wait for each other's own row.
-_LOCK_STALE_POOLED = """
-SELECT shard, count, stats FROM pooled
-WHERE policy = %s AND updated_ms < %s AND shard <> %s AND shard <> %s
-ORDER BY shard FOR UPDATE SKIP LOCKED
-"""
-_UPDATE_POOLED = """
-WITH changed AS (
-    UPDATE pooled SET count = %s, stats = %s, updated_ms = %s
-    WHERE policy = %s AND shard = %s
-    RETURNING 1
-)
-SELECT 1 / count(*) FROM changed
-"""
-_REF_BY_EVENT = f"SELECT {REF_COLUMNS} FROM decision WHERE user_id = %s AND event_id = %s"
-_REF_BY_TIP = (
-    f"SELECT {REF_COLUMNS} FROM decision WHERE user_id = %s AND tip_id = %s"
-    " ORDER BY seq DESC LIMIT 1"
+_LOCK_STALE_POOLED = f"{_SQL.stale_pooled} FOR UPDATE SKIP LOCKED"
+_UPDATE_POOLED = _one_row(
+    "UPDATE pooled SET count = %s, stats = %s, updated_ms = %s WHERE policy = %s AND shard = %s"
 )
 _MIGRATION_LOCK = 0x6F6F_5345  # pg_advisory_xact_lock key: one migrator at a time
 _SCHEMA_TABLE = """
@@ -195,10 +187,11 @@ class _RetrySafe(Exception):
     """The connection broke before anything could be committed."""
 
 
-class PostgresStore:
+class PostgresStore(SQLStore):
     """The Store protocol on PostgreSQL, through a pool of async psycopg connections."""
 
     backend = "postgres"
+    sql = _SQL
 
     def __init__(
         self,
@@ -215,6 +208,9 @@ class PostgresStore:
         # time-out can act: the wait for a connection plus two statements, and a margin.
         self._deadline_s = pool_timeout_s + 2 * statement_timeout_ms / 1000 + 1.0
         self._turns: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._queue: deque[_ScoreJob] = deque()
+        self._batches = 0
+        self._batch_tasks: set[asyncio.Task[None]] = set()
         self._exports = Slots(EXPORTS_AT_ONCE, self._deadline_s, "exports")
         self._connect_kwargs: dict[str, Any] = {
             # Transactions are explicit BEGIN ... COMMIT inside pipelines; a read
@@ -268,6 +264,9 @@ class PostgresStore:
         return None
 
     async def close(self) -> None:
+        # Batches in flight finish (each within the deadline) before their pool goes.
+        while self._batch_tasks:
+            await asyncio.gather(*self._batch_tasks, return_exceptions=True)
         await self._pool.close()
 
     async def ping(self) -> None:
@@ -331,40 +330,17 @@ class PostgresStore:
 
     # ── transactions ─────────────────────────────────────────────────────────
     async def score_tx(self, user_id: str, fn: ScoreFn) -> ScoreWrite:
-        async def body(conn: Conn) -> ScoreWrite:
-            user_row, _ = await _begin_and_lock(conn, user_id)
-            user = user_from_row(user_id, user_row)
-            try:
-                write = fn(user, None)
-            except ReplayNeeded:
-                write = fn(user, await _load_replay(conn, user_id))
-            d = write.decision
-            async with conn.pipeline():
-                await conn.execute(_UPDATE_USER, _update_params(write.user))
-                await conn.execute(
-                    _INSERT_DECISION,
-                    (d.user_id, d.seq, d.event_id, d.ts_ms, d.tip_id, Jsonb(d.features),
-                     encode_array(d.x), d.score, d.policy, d.propensity, d.model_version,
-                     list(d.candidate_ids), encode_array(d.candidate_X),
-                     encode_optional(d.candidate_features), Jsonb(d.context),
-                     encode_optional(d.candidate_p), d.greedy,
-                     Jsonb(d.shadow) if d.shadow else None),
-                )  # fmt: skip
-                await conn.execute(
-                    "DELETE FROM decision WHERE user_id = %s AND seq < %s",
-                    (user_id, write.keep_from_seq),
-                )
-                await conn.execute("COMMIT")
-            return write
+        async def alone() -> ScoreWrite:
+            return await self._run_tx(lambda conn: _score_alone(conn, user_id, fn))
 
-        return await self._user_write(user_id, body)
+        async def batched_or_alone() -> ScoreWrite:
+            write = await self._batched(user_id, fn)
+            return write if write is not None else await alone()
+
+        return await self._in_turn(user_id, batched_or_alone)
 
     async def reward_tx(self, user_id: str, lookup: DecisionLookup, fn: RewardFn) -> RewardWrite:
-        find_ref: tuple[str, tuple[Any, ...]]
-        if lookup.event_id is not None:
-            find_ref = (_REF_BY_EVENT, (user_id, lookup.event_id))
-        else:
-            find_ref = (_REF_BY_TIP, (user_id, lookup.tip_id))
+        find_ref = _SQL.find_ref(user_id, lookup)
 
         async def body(conn: Conn) -> RewardWrite:
             user_row, ref_row = await _begin_and_lock(conn, user_id, find_ref)
@@ -393,10 +369,8 @@ class PostgresStore:
                 await conn.execute("BEGIN")
                 # First the row: this waits for the row lock of a write in flight, so the
                 # decisions statement after it sees that write's decision, and deletes it.
-                models = await conn.execute("DELETE FROM user_model WHERE user_id = %s", (user_id,))
-                decisions = await conn.execute(
-                    "DELETE FROM decision WHERE user_id = %s", (user_id,)
-                )
+                models = await conn.execute(_SQL.delete_model, (user_id,))
+                decisions = await conn.execute(_SQL.delete_decisions, (user_id,))
                 await conn.execute("COMMIT")
             return bool(models.rowcount or decisions.rowcount)
 
@@ -428,49 +402,32 @@ class PostgresStore:
                 f"the pooled statistics' write did not finish within {self._deadline_s:g}s"
             ) from exc
 
-    async def pooled(self, policy: str) -> Pooled | None:
-        async def query(conn: Conn) -> Pooled | None:
-            cur = await conn.execute(
-                "SELECT count, stats FROM pooled WHERE policy = %s ORDER BY shard", (policy,)
-            )
-            return sum_pooled(await cur.fetchall(), f"a pooled row of {policy}")
+    # ── reads (SQLStore's, and the snapshots of export_user and decision_log) ──
+    async def _query(self, statement: str, params: Sequence[Any], decode: Callable[[Rows], T]) -> T:
+        """A read of one autocommit statement on a pooled connection."""
+
+        async def query(conn: Conn) -> T:
+            cur = await conn.execute(statement, params)
+            return decode(await cur.fetchall())
 
         return await self._run(query)
 
-    async def prune_decisions(self, older_than_ms: int, batch_size: int) -> int:
-        async def delete(conn: Conn) -> int:
-            # Keyed by (user_id, seq), not ctid, so that it also runs on a sharded table.
-            cur = await conn.execute(
-                "DELETE FROM decision WHERE (user_id, seq) IN (SELECT user_id, seq FROM decision"
-                " WHERE ts_ms < %s LIMIT %s)",
-                (older_than_ms, batch_size),
-            )
-            return cur.rowcount
+    async def _change(self, statement: str, params: Sequence[Any]) -> int:
+        """A write of one autocommit statement on a pooled connection."""
 
-        return await self._run(delete)
+        async def write(conn: Conn) -> int:
+            return (await conn.execute(statement, params)).rowcount
 
-    # ── reads ────────────────────────────────────────────────────────────────
-    async def get_user(self, user_id: str) -> UserRecord | None:
-        async def query(conn: Conn) -> UserRecord | None:
-            cur = await conn.execute(
-                f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = %s", (user_id,)
-            )
-            return user_from_row(user_id, await cur.fetchone())
+        return await self._run(write)
 
-        return await self._run(query)
-
-    async def history(self, user_id: str, limit: int) -> list[HistoryEntry]:
-        async def query(conn: Conn) -> list[HistoryEntry]:
-            cur = await conn.execute(
-                "SELECT ts_ms, features, score, tip_id, event_id FROM decision"
-                " WHERE user_id = %s ORDER BY seq DESC LIMIT %s",
-                (user_id, limit),
-            )
-            rows = await cur.fetchall()
-            return [
-                HistoryEntry(ts_ms=r[0], features=r[1], score=r[2], tip_id=r[3], event_id=r[4])
-                for r in reversed(rows)
-            ]
+    async def _snapshot(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[Rows]:
+        async def query(conn: Conn) -> list[Rows]:
+            rows: list[Rows] = []
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                for statement, params in queries:
+                    rows.append(await (await conn.execute(statement, params)).fetchall())
+            return rows
 
         return await self._run(query)
 
@@ -486,14 +443,9 @@ class PostgresStore:
             try:
                 async with self._bounded():
                     await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    cur = await conn.execute(
-                        f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = %s", (user_id,)
-                    )
+                    cur = await conn.execute(_SQL.select_user, (user_id,))
                     user = user_from_row(user_id, await cur.fetchone())
-                    await rows.execute(
-                        f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = %s ORDER BY seq",
-                        (user_id,),
-                    )
+                    await rows.execute(_SQL.export, (user_id,))
 
                 async def pages() -> AsyncIterator[list[DecisionRecord]]:
                     while True:
@@ -501,7 +453,7 @@ class PostgresStore:
                             batch = await rows.fetchmany(EXPORT_PAGE_ROWS)
                         if not batch:
                             return
-                        yield [decision_from_row(r, json_as_text=False) for r in batch]
+                        yield self._decisions(batch)
 
                 yield UserExport(user, pages())
             finally:
@@ -522,18 +474,14 @@ class PostgresStore:
                 conn = await conn_cm.__aenter__()
             rows = conn.cursor(name="oo_decision_log")
             try:
-                where = "ts_ms >= %s AND ts_ms < %s"
+                statement = _SQL.log
                 params: list[Any] = [since_ms, until_ms]
                 if user_ids is not None:
-                    where += " AND user_id = ANY(%s)"
-                    params.append(sorted(set(user_ids)))
+                    statement = _SQL.log_of_users
+                    params = [*params, sorted(set(user_ids))]
                 async with self._bounded():
                     await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                    await rows.execute(
-                        f"SELECT {DECISION_COLUMNS} FROM decision WHERE {where}"
-                        " ORDER BY ts_ms, user_id, seq",
-                        params,
-                    )
+                    await rows.execute(statement, params)
 
                 async def pages() -> AsyncIterator[list[DecisionRecord]]:
                     while True:
@@ -541,7 +489,7 @@ class PostgresStore:
                             batch = await rows.fetchmany(LOG_PAGE_ROWS)
                         if not batch:
                             return
-                        yield [decision_from_row(r, json_as_text=False) for r in batch]
+                        yield self._decisions(batch)
 
                 yield pages()
             finally:
@@ -551,51 +499,6 @@ class PostgresStore:
                         await conn.execute("ROLLBACK")
                 await conn_cm.__aexit__(None, None, None)
 
-    async def unrewarded(
-        self, since_ms: int, until_ms: int, after: Keyset, limit: int
-    ) -> list[tuple[int, str, int, str]]:
-        async def query(conn: Conn) -> list[tuple[int, str, int, str]]:
-            cur = await conn.execute(_UNREWARDED, (since_ms, until_ms, *after, limit))
-            return [(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()]
-
-        return await self._run(query)
-
-    async def sweep_mark(self, name: str) -> int | None:
-        async def query(conn: Conn) -> int | None:
-            cur = await conn.execute(_SWEEP_MARK, (name,))
-            row = await cur.fetchone()
-            return None if row is None else int(row[0])
-
-        return await self._run(query)
-
-    async def set_sweep_mark(self, name: str, until_ms: int) -> None:
-        async def write(conn: Conn) -> None:
-            await conn.execute(_SET_SWEEP_MARK, (name, until_ms))
-
-        await self._run(write)
-
-    async def decision_stats(self, since_ms: int, until_ms: int, bucket_ms: int) -> DecisionStats:
-        check_stats_range(since_ms, until_ms, bucket_ms)
-
-        async def query(conn: Conn) -> DecisionStats:
-            # One snapshot for both statements, so that the users match the counts.
-            async with conn.transaction():
-                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                cur = await conn.execute(_STATS, (since_ms, bucket_ms, since_ms, until_ms))
-                rows = await cur.fetchall()
-                cur = await conn.execute(_STATS_USERS, (since_ms, until_ms))
-                users = {r[0]: int(r[1]) for r in await cur.fetchall()}
-            return DecisionStats(bucket_stats_from_rows(rows), users)
-
-        return await self._run(query)
-
-    async def recent_decisions(self, user_id: str, limit: int) -> list[DecisionRecord]:
-        async def query(conn: Conn) -> list[DecisionRecord]:
-            cur = await conn.execute(_RECENT, (user_id, limit))
-            return [decision_from_row(r, json_as_text=False) for r in await cur.fetchall()]
-
-        return await self._run(query)
-
     async def save_report(self, kind: str, created_ms: int, body: dict[str, Any]) -> int:
         # orjson, as on SQLite: the same text on both backends, and NaN refused as null.
         text = orjson.dumps(body).decode()
@@ -604,32 +507,76 @@ class PostgresStore:
             async with conn.transaction():
                 cur = await conn.execute(_INSERT_REPORT, (kind, created_ms, text))
                 row = await cur.fetchone()
-                await conn.execute(_TRIM_REPORTS, (kind, kind, REPORTS_KEPT))
+                await conn.execute(_SQL.trim_reports, (kind, kind, REPORTS_KEPT))
             if row is None:
                 raise StoreUnavailable("could not save the report: no row was inserted")
             return int(row[0])
 
         return await self._run(write)
 
-    async def latest_report(self, kind: str) -> SavedReport | None:
-        async def query(conn: Conn) -> SavedReport | None:
-            cur = await conn.execute(_LATEST_REPORT, (kind,))
-            return report_from_row(await cur.fetchone(), json_as_text=False)
-
-        return await self._run(query)
-
     # ── plumbing ─────────────────────────────────────────────────────────────
     async def _user_write(self, user_id: str, body: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run a write of user_id's: its turn in this process, then the transaction, all
-        within one deadline."""
+        """Run a write of user_id's alone: its turn in this process, then the transaction,
+        all within one deadline."""
+        return await self._in_turn(user_id, lambda: self._run_tx(body))
+
+    async def _in_turn(self, user_id: str, work: Callable[[], Awaitable[T]]) -> T:
+        """Run work (one write of user_id's) in the user's turn in this process, the wait
+        for the turn and the work within one deadline."""
         try:
             async with asyncio.timeout(self._deadline_s), self._user_turn(user_id):
-                return await self._run_tx(body)
+                return await work()
         except TimeoutError as exc:
             raise StoreBusy(
                 f"this user's write did not finish within {self._deadline_s:g}s: earlier"
                 " writes of the same user, or the database, held it up"
             ) from exc
+
+    async def _batched(self, user_id: str, fn: ScoreFn) -> ScoreWrite | None:
+        """Queue a score write for the next batch and wait for its answer: the write, once
+        committed; None if the batch could not take it and it must be written alone.
+
+        A batch starts at once if fewer than _BATCHES_AT_ONCE are in flight; otherwise the
+        write waits in the queue, and the next batch to finish takes it with everything
+        else queued meanwhile. Cancelled while it waits (its deadline passed), the write is
+        left out of any batch that has not yet sent its COMMIT.
+        """
+        job = _ScoreJob(user_id, fn, asyncio.get_running_loop().create_future())
+        self._queue.append(job)
+        if self._batches < _BATCHES_AT_ONCE:
+            self._batches += 1
+            task = asyncio.create_task(self._drain(), name="oo-serving score batch")
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+        return await job.answer
+
+    async def _drain(self) -> None:
+        """Write queued score writes, a batch at a time, until the queue is empty."""
+        try:
+            while self._queue:
+                jobs: list[_ScoreJob] = []
+                while self._queue and len(jobs) < _BATCH_MAX:
+                    job = self._queue.popleft()
+                    if not job.answer.done():  # not withdrawn while it waited
+                        jobs.append(job)
+                if jobs:
+                    await self._write_batch(_Batch(jobs))
+        finally:
+            self._batches -= 1
+
+    async def _write_batch(self, batch: _Batch) -> None:
+        """One transaction for the batch, and every job of it answered."""
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                await self._run_tx(batch.run)
+        except TimeoutError:
+            batch.failed(
+                StoreUnavailable(f"the database did not answer within {self._deadline_s:g}s")
+            )
+        except Exception as exc:
+            batch.failed(exc)
+        else:
+            batch.committed()
 
     @asynccontextmanager
     async def _user_turn(self, user_id: str) -> AsyncIterator[None]:
@@ -696,14 +643,7 @@ class PostgresStore:
             "PostgreSQL has no equivalent of SQLite's; pg_amcheck checks its indexes and heap"
         )
 
-        async def fetch(statement: str, params: tuple[Any, ...]) -> list[Row]:
-            async def query(conn: Conn) -> list[Row]:
-                cur = await conn.execute(statement, params)
-                return await cur.fetchall()
-
-            return await self._run(query)
-
-        await consistency.scan(report, fetch, consistency.POSTGRES, summed_rewards=summed_rewards)
+        await consistency.scan(report, self._fetch, POSTGRES, summed_rewards=summed_rewards)
         return report
 
 
@@ -744,8 +684,172 @@ async def _begin_and_lock(
 
 async def _load_replay(conn: Conn, user_id: str) -> list[LoggedReward]:
     """The user's Replay, read inside the write's transaction (the row still locked)."""
-    cur = await conn.execute(_REPLAY, (user_id,))
+    cur = await conn.execute(_SQL.replay, (user_id,))
     return replay_from_rows(await cur.fetchall(), json_as_text=False)
+
+
+async def _score_alone(conn: Conn, user_id: str, fn: ScoreFn) -> ScoreWrite:
+    """A score write in a transaction of its own: the path of a write a batch left out."""
+    user_row, _ = await _begin_and_lock(conn, user_id)
+    user = user_from_row(user_id, user_row)
+    try:
+        write = fn(user, None)
+    except ReplayNeeded:
+        write = fn(user, await _load_replay(conn, user_id))
+    async with conn.pipeline():
+        await conn.execute(_UPDATE_USER, _update_params(write.user))
+        await conn.execute(_SQL.insert_decision, _decision_params(write.decision))
+        await conn.execute(_SQL.prune_user, (user_id, write.keep_from_seq))
+        await conn.execute("COMMIT")
+    return write
+
+
+# Score writes one batch takes at most; more wait for the next batch.
+_BATCH_MAX = 64
+# Batches in flight at once per process: while one waits for its COMMIT, the next runs
+# its functions. Each holds one pooled connection.
+_BATCHES_AT_ONCE = 2
+
+
+@dataclass(eq=False, slots=True)
+class _ScoreJob:
+    """One score_tx waiting for a batch: answered with its write once committed, None if
+    it must be written alone, or the error its function or the batch raised."""
+
+    user_id: str
+    fn: ScoreFn
+    answer: asyncio.Future[ScoreWrite | None]
+
+
+class _Batch:
+    """One transaction for the score writes of several users, and how each is answered.
+
+    1. BEGIN; make sure every user's row exists; lock the rows       -- one round trip
+       ... each job's function runs here (a ReplayNeeded: one more round trip) ...
+    2. UPDATE the rows; INSERT the decisions; prune; COMMIT          -- one round trip
+    """
+
+    def __init__(self, jobs: list[_ScoreJob]) -> None:
+        self.jobs = jobs
+        self.written: list[tuple[_ScoreJob, ScoreWrite]] = []
+        self.errors: dict[_ScoreJob, Exception] = {}
+        # The server refused the transaction on a live connection: it rolled back, so
+        # nothing of it was committed, and each write may be made again alone.
+        self.rolled_back = False
+
+    async def run(self, conn: Conn) -> None:
+        """The transaction; the connection's retry (_run_tx) may run it twice."""
+        self.written, self.errors, self.rolled_back = [], {}, False
+        try:
+            rows, made = await _begin_and_lock_users(conn, [j.user_id for j in self.jobs])
+            for job in self.jobs:
+                row = rows.get(job.user_id)
+                if row is not None:  # else locked elsewhere, or just erased: written alone
+                    await self._call(conn, job, row)
+            # A job whose deadline passed while its function ran is left out (and answered
+            # by its own time-out): past this point its write would be committed.
+            self.written = [(job, w) for job, w in self.written if not job.answer.done()]
+            kept = {job.user_id for job, _ in self.written}
+            unused = sorted(made - kept)
+            if not self.written:
+                await conn.execute("ROLLBACK")  # not even the rows made above
+                return
+            async with conn.cursor() as cur, conn.pipeline():
+                await cur.executemany(
+                    _UPDATE_USER, [_update_params(w.user) for _, w in self.written]
+                )
+                await cur.executemany(
+                    _SQL.insert_decision, [_decision_params(w.decision) for _, w in self.written]
+                )
+                await cur.executemany(
+                    _SQL.prune_user, [(job.user_id, w.keep_from_seq) for job, w in self.written]
+                )
+                if unused:
+                    await cur.execute(_DROP_MADE, (unused,))
+                await cur.execute("COMMIT")
+        except psycopg.Error:
+            self.rolled_back = not conn.broken
+            raise
+
+    async def _call(self, conn: Conn, job: _ScoreJob, row: Row) -> None:
+        """Run a job's function on its locked row; keep its write, or its error."""
+        user = user_from_row(job.user_id, row)
+        try:
+            self.written.append((job, job.fn(user, None)))
+            return
+        except ReplayNeeded:
+            pass
+        except Exception as exc:
+            self.errors[job] = exc
+            return
+        replay = await _load_replay(conn, job.user_id)  # a database error fails the batch
+        try:
+            self.written.append((job, job.fn(user, replay)))
+        except Exception as exc:
+            self.errors[job] = exc
+
+    def committed(self) -> None:
+        """The transaction committed (or wrote nothing): answer every job."""
+        for job, write in self.written:
+            _answer(job, write)
+        for job, exc in self.errors.items():
+            _fail(job, exc)
+        for job in self.jobs:
+            _answer(job, None)  # the rest: rows this batch could not lock
+
+    def failed(self, exc: Exception) -> None:
+        """The transaction failed: answer every job, acknowledging none.
+
+        A job whose own function failed gets its error. Had the server refused the
+        transaction (a lock or statement time-out, a deadlock broken, a constraint), it
+        rolled back: each other job is then written alone, so that one user's fault fails
+        only that user's write. Otherwise (no connection, a connection broken twice before
+        COMMIT or once after it, the batch past its deadline) whether it committed may be
+        unknown, and a second attempt could write a job twice: each gets the error (503).
+        """
+        for job, error in self.errors.items():
+            _fail(job, error)
+        for job in self.jobs:
+            if self.rolled_back:
+                _answer(job, None)
+            elif isinstance(exc, Unavailable):
+                copy = type(exc)(exc.message)
+                copy.__cause__ = exc
+                _fail(job, copy)
+            else:
+                _fail(job, exc)
+
+
+def _answer(job: _ScoreJob, write: ScoreWrite | None) -> None:
+    if not job.answer.done():
+        job.answer.set_result(write)
+
+
+def _fail(job: _ScoreJob, exc: Exception) -> None:
+    if not job.answer.done():
+        job.answer.set_exception(exc)
+
+
+async def _begin_and_lock_users(conn: Conn, user_ids: list[str]) -> tuple[dict[str, Row], set[str]]:
+    """A batch's first round trip: BEGIN, make sure every user's row exists, lock every row
+    no other transaction holds. The locked rows by user_id, and the user_ids whose row this
+    transaction made.
+
+    A connection that breaks here has committed nothing: the failure is marked safe to retry.
+    """
+    try:
+        async with conn.pipeline() as p:
+            await conn.execute("BEGIN")
+            made_cur = await conn.execute(_ENSURE_USERS, (user_ids,))
+            lock_cur = await conn.execute(_LOCK_USERS, (user_ids,))
+            await p.sync()
+        made = {r[0] for r in await made_cur.fetchall()}
+        locked = {r[0]: r[1:] for r in await lock_cur.fetchall()}
+    except psycopg.OperationalError as exc:
+        if conn.broken:
+            raise _RetrySafe(str(exc)) from exc
+        raise
+    return locked, made
 
 
 async def _begin_and_lock_pooled(
@@ -766,7 +870,7 @@ async def _begin_and_lock_pooled(
                     await conn.execute("BEGIN")
                 await conn.execute(_ENSURE_POOLED, (policy, shard, empty, ts_ms))
                 own_cur = await conn.execute(_LOCK_POOLED, (policy, shard))
-                count_cur = await conn.execute(_COUNT_POOLED, (policy,))
+                count_cur = await conn.execute(_SQL.count_pooled, (policy,))
                 await p.sync()
             own = await own_cur.fetchone()
             counted = await count_cur.fetchone()
@@ -803,10 +907,7 @@ async def _fold_pooled(
         return []
     return [
         (_UPDATE_POOLED, (total.count, encode_array(total.stats), ts_ms, policy, FOLDED_SHARD)),
-        (
-            "DELETE FROM pooled WHERE policy = %s AND shard = ANY(%s)",
-            (policy, [r[0] for r in stale]),
-        ),
+        (_SQL.delete_shards(len(stale)), (policy, [r[0] for r in stale])),
     ]
 
 

@@ -1,13 +1,16 @@
 """The embedded default: one SQLite file in WAL mode, shared by every worker process.
 
 Concurrency. Within a process one thread does every write, in batches: the writes queued
-while it was busy go into one transaction, each in its own savepoint, so one COMMIT (one
-fsync) serves them all and a write that fails is undone alone. Writes never block the
-event loop. Across processes an exclusive `flock` on `<database>.writelock` queues the
-writer threads in the kernel, and each transaction starts with `BEGIN IMMEDIATE`, which
-takes SQLite's write lock before reading, so two workers can never interleave a
-read-modify-write of the same user. Reads run on a small thread pool, each thread with
-its own connection; WAL gives every read a consistent snapshot.
+while it was busy go into one transaction, so one COMMIT (one fsync) serves them all, and
+a write that fails is undone alone. /score writes queued next to each other run together
+in a few statements for the lot (one SELECT of their users, then one `executemany` each
+for the models, the decisions and the pruning) instead of six each; every other write
+runs alone in its own savepoint. Writes never block the event loop. Across processes an
+exclusive `flock` on `<database>.writelock` queues the writer threads in the kernel, and
+each transaction starts with `BEGIN IMMEDIATE`, which takes SQLite's write lock before
+reading, so two workers can never interleave a read-modify-write of the same user. Reads
+run on a small thread pool, each thread with its own connection; WAL gives every read a
+consistent snapshot.
 
 Durability. A write is acknowledged only after the COMMIT of its batch returns. With
 synchronous=FULL (the default) the WAL is fsynced at every commit, so an acknowledged
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import functools
+import itertools
 import os
 import queue
 import sqlite3
@@ -45,83 +49,57 @@ import orjson
 
 from oo_serving.check import CheckReport
 from oo_serving.core.features import Vector
-from oo_serving.core.policy import Pooled
 from oo_serving.errors import StoreBusy, StoreUnavailable
 from oo_serving.store import consistency, migrations
 from oo_serving.store.base import (
-    DECISION_COLUMNS,
     EXPORT_PAGE_ROWS,
     EXPORTS_AT_ONCE,
     FOLDED_SHARD,
-    LATEST_REPORT_SQL,
     LOG_PAGE_ROWS,
-    MARK_SQL,
     POOLED_FOLD_AFTER_MS,
     POOLED_MAX_SHARDS,
-    RECENT_SQL,
-    REF_COLUMNS,
-    REPLAY_SQL,
     REPORTS_KEPT,
-    STATS_SQL_SQLITE,
-    STATS_USERS_SQL,
-    SWEEP_MARK_SQL,
-    TRIM_REPORTS_SQL,
-    UNREWARDED_SQL,
     USER_COLUMNS,
     DecisionLookup,
     DecisionRecord,
-    DecisionStats,
-    HistoryEntry,
-    Keyset,
     LoggedReward,
+    Replay,
     ReplayNeeded,
     RewardFn,
     RewardWrite,
-    SavedReport,
     ScoreFn,
     ScoreWrite,
     Slots,
     UserExport,
     UserRecord,
     add_stats,
-    bucket_stats_from_rows,
-    check_stats_range,
-    decision_from_row,
     encode_array,
-    encode_optional,
     mark_params,
     pooled_stats,
     ref_from_row,
     refuse_newer,
     replay_from_rows,
-    report_from_row,
     require_current,
     sum_pooled,
     user_from_row,
     user_params,
 )
+from oo_serving.store.sql import SQLITE, Rows, SQLStore, statements
 
 T = TypeVar("T")
 
-_UPSERT_USER = """
-INSERT INTO user_model (user_id, policy, state, state_version, pulls, reward_count,
-                        cumulative_reward, last_updated_ms, shadows)
+_SQL = statements(SQLITE)
+_decision_params = _SQL.decision_params
+# SQLite's own: no row is made before its transaction (BEGIN IMMEDIATE already excludes
+# every other writer), so a user's model and a pooled row are written by an upsert.
+_UPSERT_USER = f"""
+INSERT INTO user_model (user_id, {USER_COLUMNS})
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (user_id) DO UPDATE SET
     policy = excluded.policy, state = excluded.state,
     state_version = excluded.state_version, pulls = excluded.pulls,
     reward_count = excluded.reward_count, cumulative_reward = excluded.cumulative_reward,
     last_updated_ms = excluded.last_updated_ms, shadows = excluded.shadows
-"""
-_INSERT_DECISION = """
-INSERT INTO decision (user_id, seq, event_id, ts_ms, tip_id, features, x, score, policy,
-                      propensity, model_version, candidate_ids, candidate_x,
-                      candidate_features, context, candidate_p, greedy, shadow)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-"""
-_SET_SWEEP_MARK = """
-INSERT INTO sweep_mark (name, until_ms) VALUES (?, ?)
-ON CONFLICT (name) DO UPDATE SET until_ms = max(until_ms, excluded.until_ms)
 """
 _UPSERT_POOLED = """
 INSERT INTO pooled (policy, shard, count, stats, updated_ms) VALUES (?, ?, ?, ?, ?)
@@ -143,10 +121,11 @@ def sqlite_path(url: str) -> Path:
     return Path(path)
 
 
-class SQLiteStore:
+class SQLiteStore(SQLStore):
     """The Store protocol on one SQLite file."""
 
     backend = "sqlite"
+    sql = _SQL
 
     def __init__(
         self,
@@ -244,7 +223,10 @@ class SQLiteStore:
 
     # ── transactions ─────────────────────────────────────────────────────────
     async def score_tx(self, user_id: str, fn: ScoreFn) -> ScoreWrite:
-        return await self._write(functools.partial(self._score, user_id, fn))
+        # Data as well as a closure: the writer runs neighbouring /score writes together,
+        # and falls back on the closure to run one alone.
+        score = _Score(user_id, fn)
+        return await self._write(functools.partial(_score, user_id, fn), score)
 
     async def reward_tx(self, user_id: str, lookup: DecisionLookup, fn: RewardFn) -> RewardWrite:
         return await self._write(functools.partial(self._reward, user_id, lookup, fn))
@@ -258,44 +240,21 @@ class SQLiteStore:
         flat = pooled_stats(stats)
         await self._write(functools.partial(_add_pooled, policy, shard, count, flat, ts_ms))
 
-    # ── reads ────────────────────────────────────────────────────────────────
-    async def get_user(self, user_id: str) -> UserRecord | None:
-        return await self._read(functools.partial(_load_user, user_id=user_id))
+    # ── reads (SQLStore's, and the snapshots of export_user and decision_log) ──
+    async def _query(self, statement: str, params: Sequence[Any], decode: Callable[[Rows], T]) -> T:
+        """A read on a reader thread, its rows decoded there too."""
+        return await self._read(lambda conn: decode(conn.execute(statement, params).fetchall()))
 
-    async def pooled(self, policy: str) -> Pooled | None:
-        def query(conn: sqlite3.Connection) -> Pooled | None:
-            rows = conn.execute(
-                "SELECT count, stats FROM pooled WHERE policy = ? ORDER BY shard", (policy,)
-            ).fetchall()
-            return sum_pooled(rows, f"a pooled row of {policy}")
+    async def _change(self, statement: str, params: Sequence[Any]) -> int:
+        """A write of one statement, through the writer thread."""
+        return await self._write(lambda conn: conn.execute(statement, params).rowcount)
 
-        return await self._read(query)
-
-    async def history(self, user_id: str, limit: int) -> list[HistoryEntry]:
-        def query(conn: sqlite3.Connection) -> list[HistoryEntry]:
-            rows = conn.execute(
-                "SELECT ts_ms, features, score, tip_id, event_id FROM decision"
-                " WHERE user_id = ? ORDER BY seq DESC LIMIT ?",
-                (user_id, limit),
-            ).fetchall()
-            return [
-                HistoryEntry(
-                    ts_ms=r[0], features=orjson.loads(r[1]), score=r[2], tip_id=r[3], event_id=r[4]
-                )
-                for r in reversed(rows)
-            ]
+    async def _snapshot(self, queries: Sequence[tuple[str, Sequence[Any]]]) -> list[Rows]:
+        def query(conn: sqlite3.Connection) -> list[Rows]:
+            with _transaction(conn, "DEFERRED"):
+                return [conn.execute(statement, params).fetchall() for statement, params in queries]
 
         return await self._read(query)
-
-    async def prune_decisions(self, older_than_ms: int, batch_size: int) -> int:
-        def delete(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                "DELETE FROM decision WHERE rowid IN"
-                " (SELECT rowid FROM decision WHERE ts_ms < ? LIMIT ?)",
-                (older_than_ms, batch_size),
-            ).rowcount
-
-        return await self._write(delete)
 
     @asynccontextmanager
     async def export_user(self, user_id: str) -> AsyncIterator[UserExport]:
@@ -308,17 +267,12 @@ class SQLiteStore:
                 def begin(_: sqlite3.Connection) -> tuple[UserRecord | None, sqlite3.Cursor]:
                     conn.execute("BEGIN DEFERRED")
                     user = _load_user(conn, user_id)  # the first read fixes the snapshot
-                    cursor = conn.execute(
-                        f"SELECT {DECISION_COLUMNS} FROM decision WHERE user_id = ? ORDER BY seq",
-                        (user_id,),
-                    )
-                    return user, cursor
+                    return user, conn.execute(_SQL.export, (user_id,))
 
                 user, cursor = await self._read(begin)
 
                 def page(_: sqlite3.Connection) -> list[DecisionRecord]:
-                    rows = cursor.fetchmany(EXPORT_PAGE_ROWS)
-                    return [decision_from_row(r, json_as_text=True) for r in rows]
+                    return self._decisions(cursor.fetchmany(EXPORT_PAGE_ROWS))
 
                 async def pages() -> AsyncIterator[list[DecisionRecord]]:
                     while batch := await self._read(page):
@@ -336,27 +290,19 @@ class SQLiteStore:
             conn = await self._read(lambda _: self._new_connection())
             try:
                 users = sorted(set(user_ids)) if user_ids is not None else None
-                where = "ts_ms >= ? AND ts_ms < ?"
-                params: list[Any] = [since_ms, until_ms]
-                if users is not None:
-                    where += " AND user_id IN (SELECT user_id FROM temp.log_users)"
 
                 def begin(_: sqlite3.Connection) -> sqlite3.Cursor:
                     if users is not None:  # a temporary table: any number of users
                         conn.execute("CREATE TEMP TABLE log_users (user_id TEXT PRIMARY KEY)")
                         conn.executemany("INSERT INTO log_users VALUES (?)", [(u,) for u in users])
                     conn.execute("BEGIN DEFERRED")
-                    return conn.execute(
-                        f"SELECT {DECISION_COLUMNS} FROM decision WHERE {where}"
-                        " ORDER BY ts_ms, user_id, seq",
-                        params,
-                    )
+                    statement = _SQL.log if users is None else _SQL.log_of_users
+                    return conn.execute(statement, (since_ms, until_ms))
 
                 cursor = await self._read(begin)
 
                 def page(_: sqlite3.Connection) -> list[DecisionRecord]:
-                    rows = cursor.fetchmany(LOG_PAGE_ROWS)
-                    return [decision_from_row(r, json_as_text=True) for r in rows]
+                    return self._decisions(cursor.fetchmany(LOG_PAGE_ROWS))
 
                 async def pages() -> AsyncIterator[list[DecisionRecord]]:
                     while batch := await self._read(page):
@@ -366,122 +312,22 @@ class SQLiteStore:
             finally:
                 await asyncio.get_running_loop().run_in_executor(None, conn.close)
 
-    async def unrewarded(
-        self, since_ms: int, until_ms: int, after: Keyset, limit: int
-    ) -> list[tuple[int, str, int, str]]:
-        def query(conn: sqlite3.Connection) -> list[tuple[int, str, int, str]]:
-            rows = conn.execute(UNREWARDED_SQL, (since_ms, until_ms, *after, limit)).fetchall()
-            return [(r[0], r[1], r[2], r[3]) for r in rows]
-
-        return await self._read(query)
-
-    async def sweep_mark(self, name: str) -> int | None:
-        def query(conn: sqlite3.Connection) -> int | None:
-            row = conn.execute(SWEEP_MARK_SQL, (name,)).fetchone()
-            return None if row is None else int(row[0])
-
-        return await self._read(query)
-
-    async def set_sweep_mark(self, name: str, until_ms: int) -> None:
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(_SET_SWEEP_MARK, (name, until_ms))
-
-        await self._write(write)
-
-    async def decision_stats(self, since_ms: int, until_ms: int, bucket_ms: int) -> DecisionStats:
-        check_stats_range(since_ms, until_ms, bucket_ms)
-
-        def query(conn: sqlite3.Connection) -> DecisionStats:
-            # One snapshot for both statements, so that the users match the counts.
-            with _transaction(conn, "DEFERRED"):
-                rows = conn.execute(
-                    STATS_SQL_SQLITE, (since_ms, bucket_ms, since_ms, until_ms)
-                ).fetchall()
-                users = conn.execute(STATS_USERS_SQL, (since_ms, until_ms)).fetchall()
-            return DecisionStats(bucket_stats_from_rows(rows), {r[0]: int(r[1]) for r in users})
-
-        return await self._read(query)
-
-    async def recent_decisions(self, user_id: str, limit: int) -> list[DecisionRecord]:
-        def query(conn: sqlite3.Connection) -> list[DecisionRecord]:
-            rows = conn.execute(RECENT_SQL, (user_id, limit)).fetchall()
-            return [decision_from_row(r, json_as_text=True) for r in rows]
-
-        return await self._read(query)
-
     async def save_report(self, kind: str, created_ms: int, body: dict[str, Any]) -> int:
         text = orjson.dumps(body).decode()
 
         def write(conn: sqlite3.Connection) -> int:
-            cursor = conn.execute(
-                "INSERT INTO report (kind, created_ms, body) VALUES (?, ?, ?)",
-                (kind, created_ms, text),
-            )
+            cursor = conn.execute(_SQL.insert_report, (kind, created_ms, text))
             _expect_one(cursor.rowcount, "save the report")
-            conn.execute(TRIM_REPORTS_SQL, (kind, kind, REPORTS_KEPT))
+            conn.execute(_SQL.trim_reports, (kind, kind, REPORTS_KEPT))
             return int(cursor.lastrowid or 0)
 
         return await self._write(write)
 
-    async def latest_report(self, kind: str) -> SavedReport | None:
-        def query(conn: sqlite3.Connection) -> SavedReport | None:
-            row = conn.execute(LATEST_REPORT_SQL, (kind,)).fetchone()
-            return report_from_row(row, json_as_text=True)
-
-        return await self._read(query)
-
     # ── the write bodies, run on the writer thread inside BEGIN IMMEDIATE ────
-    def _score(self, user_id: str, fn: ScoreFn, conn: sqlite3.Connection) -> ScoreWrite:
-        user = _load_user(conn, user_id)
-        try:
-            write = fn(user, None)
-        except ReplayNeeded:
-            write = fn(user, _load_replay(conn, user_id))
-        _put_user(conn, write.user)
-        d = write.decision
-        inserted = conn.execute(
-            _INSERT_DECISION,
-            (
-                d.user_id,
-                d.seq,
-                d.event_id,
-                d.ts_ms,
-                d.tip_id,
-                orjson.dumps(d.features).decode(),
-                encode_array(d.x),
-                d.score,
-                d.policy,
-                d.propensity,
-                d.model_version,
-                orjson.dumps(d.candidate_ids).decode(),
-                encode_array(d.candidate_X),
-                encode_optional(d.candidate_features),
-                orjson.dumps(d.context).decode(),
-                encode_optional(d.candidate_p),
-                d.greedy,
-                orjson.dumps(d.shadow).decode() if d.shadow else None,
-            ),
-        ).rowcount
-        _expect_one(inserted, "log the decision")
-        conn.execute(
-            "DELETE FROM decision WHERE user_id = ? AND seq < ?", (user_id, write.keep_from_seq)
-        )
-        return write
-
     def _reward(
         self, user_id: str, lookup: DecisionLookup, fn: RewardFn, conn: sqlite3.Connection
     ) -> RewardWrite:
-        if lookup.event_id is not None:
-            row = conn.execute(
-                f"SELECT {REF_COLUMNS} FROM decision WHERE user_id = ? AND event_id = ?",
-                (user_id, lookup.event_id),
-            ).fetchone()
-        else:
-            row = conn.execute(
-                f"SELECT {REF_COLUMNS} FROM decision WHERE user_id = ? AND tip_id = ?"
-                " ORDER BY seq DESC LIMIT 1",
-                (user_id, lookup.tip_id),
-            ).fetchone()
+        row = conn.execute(*_SQL.find_ref(user_id, lookup)).fetchone()
         user = _load_user(conn, user_id)
         ref = ref_from_row(row, json_as_text=True)
         try:
@@ -491,13 +337,13 @@ class SQLiteStore:
         if write.user is not None:
             _put_user(conn, write.user)
         if write.mark is not None:
-            marked = conn.execute(MARK_SQL, mark_params(user_id, write.mark)).rowcount
+            marked = conn.execute(_SQL.mark, mark_params(user_id, write.mark)).rowcount
             _expect_one(marked, "mark the decision rewarded")
         return write
 
     def _delete_user(self, user_id: str, conn: sqlite3.Connection) -> bool:
-        models = conn.execute("DELETE FROM user_model WHERE user_id = ?", (user_id,)).rowcount
-        decisions = conn.execute("DELETE FROM decision WHERE user_id = ?", (user_id,)).rowcount
+        models = conn.execute(_SQL.delete_model, (user_id,)).rowcount
+        decisions = conn.execute(_SQL.delete_decisions, (user_id,)).rowcount
         return bool(models or decisions)
 
     def _migrate(self, conn: sqlite3.Connection) -> list[int]:
@@ -552,10 +398,12 @@ class SQLiteStore:
             raise
         return conn
 
-    async def _write(self, body: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(
+        self, body: Callable[[sqlite3.Connection], T], score: _Score | None = None
+    ) -> T:
         if self._writer is None:
             raise StoreUnavailable("the store is closed")
-        return await self._writer.submit(body)
+        return await self._writer.submit(body, score)
 
     async def _read(self, body: Callable[[sqlite3.Connection], T]) -> T:
         if self._readers is None:
@@ -578,17 +426,14 @@ class SQLiteStore:
         """
         report = CheckReport(backend=self.backend, database=str(self.path))
 
-        async def fetch(statement: str, params: tuple[Any, ...]) -> list[Any]:
-            return await self._read(lambda conn: conn.execute(statement, params).fetchall())
-
         try:
             # Up to 100 messages (SQLite's default), or the single row "ok".
-            messages = [str(row[0]) for row in await fetch("PRAGMA integrity_check", ())]
+            messages = [str(row[0]) for row in await self._fetch("PRAGMA integrity_check", ())]
             if messages == ["ok"]:
                 report.integrity = "ok"
             else:
                 report.add("sqlite_integrity", len(messages), messages)
-            await consistency.scan(report, fetch, consistency.SQLITE, summed_rewards=summed_rewards)
+            await consistency.scan(report, self._fetch, SQLITE, summed_rewards=summed_rewards)
         except StoreUnavailable as exc:
             if getattr(exc.__cause__, "sqlite_errorname", None) != "SQLITE_CORRUPT":
                 raise
@@ -599,10 +444,20 @@ class SQLiteStore:
 _PENDING, _CLAIMED, _WITHDRAWN = 0, 1, 2
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class _Score:
+    """A /score write as data (whose user, and the service's pure function), so that the
+    writer can run it together with its neighbours (_ScoreBatch)."""
+
+    user_id: str
+    fn: ScoreFn
+
+
 @dataclass(slots=True, eq=False)
 class _Job:
-    body: Callable[[sqlite3.Connection], Any]
+    body: Callable[[sqlite3.Connection], Any]  # the write alone, run in its own savepoint
     future: asyncio.Future[Any]
+    score: _Score | None = None  # a /score write, which may also run in a _ScoreBatch
     state: int = _PENDING  # changed only under the writer's claim lock
 
 
@@ -610,11 +465,15 @@ class _GroupCommitWriter:
     """The one writer of a process: a thread that commits queued writes in batches.
 
     Every write waiting when the thread is free goes into one transaction (at most
-    MAX_BATCH), each inside its own savepoint, so that a write that raises is undone alone
-    and the others commit. One COMMIT, so one fsync, serves the whole batch, and each
-    caller is answered only after it. Between processes, an exclusive `flock` on a lock
-    file beside the database queues the writers in the kernel, which wakes the next one
-    at once; SQLite's own busy handler would poll with sleeps of up to 100 ms.
+    MAX_BATCH), run in queue order, so each user's writes keep their order. Each run of
+    consecutive /score writes is one _ScoreBatch in one savepoint; should one of its
+    statements fail, the savepoint is rolled back and its writes run again one by one.
+    Every other write runs inside its own savepoint. Either way a write that raises is
+    undone alone and the others commit. One COMMIT, so one fsync, serves the whole
+    batch, and each caller is answered only after it. Between processes, an exclusive
+    `flock` on a lock file beside the database queues the writers in the kernel, which
+    wakes the next one at once; SQLite's own busy handler would poll with sleeps of up
+    to 100 ms.
 
     The flock has no time-out of its own, so the deadline is kept on the other side: a
     timer withdraws a write that is still pending when its time is up, and the thread,
@@ -637,11 +496,15 @@ class _GroupCommitWriter:
         self._thread = threading.Thread(target=self._run, name="oo-sqlite-write", daemon=True)
         self._thread.start()
 
-    async def submit(self, body: Callable[[sqlite3.Connection], T]) -> T:
+    async def submit(
+        self, body: Callable[[sqlite3.Connection], T], score: _Score | None = None
+    ) -> T:
+        """Run `body` in the next batch; `score`, if given, is the same /score write as
+        data, and `body` must be its _score."""
         if not self._thread.is_alive():
             raise StoreUnavailable("the database writer has stopped; restart the server")
         loop = asyncio.get_running_loop()
-        job = _Job(body, loop.create_future())
+        job = _Job(body, loop.create_future(), score)
         self._queue.put(job)
         timer = loop.call_later(self._timeout_s, self._withdraw, job)
         try:
@@ -741,8 +604,7 @@ class _GroupCommitWriter:
                 return True
             try:
                 with _mapped_errors(), _transaction(conn):
-                    for job in batch:
-                        outcomes.append(_in_savepoint(conn, job.body))
+                    outcomes = _run_batch(conn, batch)
             except Exception as exc:  # BEGIN, a rollback or COMMIT failed: nothing is stored
                 outcomes = [(False, _as_store_error(exc))] * len(batch)
                 ok = False
@@ -771,6 +633,35 @@ def _answer(batch: list[_Job], outcomes: list[tuple[bool, Any]]) -> None:
     for loop, settled in by_loop.items():
         with suppress(RuntimeError):  # that loop has closed: nobody is waiting
             loop.call_soon_threadsafe(_settle, settled)
+
+
+def _run_batch(conn: sqlite3.Connection, batch: list[_Job]) -> list[tuple[bool, Any]]:
+    """Each job's outcome, running the jobs in queue order: consecutive /score writes
+    together (_score_run), every other write alone in its savepoint."""
+    outcomes: list[tuple[bool, Any]] = []
+    for scores, run in itertools.groupby(batch, lambda job: job.score is not None):
+        jobs = list(run)
+        if scores and len(jobs) > 1:
+            outcomes.extend(_score_run(conn, jobs))
+        else:
+            outcomes.extend(_in_savepoint(conn, job.body) for job in jobs)
+    return outcomes
+
+
+def _score_run(conn: sqlite3.Connection, jobs: list[_Job]) -> list[tuple[bool, Any]]:
+    """Consecutive /score writes as one _ScoreBatch in one savepoint. If a statement of it
+    fails (a constraint, a full disk), the savepoint is rolled back and each write runs
+    again alone, so only the write at fault fails. If the rollback itself fails the
+    transaction is not usable: that raises, failing the batch."""
+    conn.execute("SAVEPOINT scores")
+    try:
+        outcomes = _ScoreBatch(conn, [job.score for job in jobs if job.score]).run()
+    except Exception:
+        conn.execute("ROLLBACK TO scores")
+        conn.execute("RELEASE scores")
+        return [_in_savepoint(conn, job.body) for job in jobs]
+    conn.execute("RELEASE scores")
+    return outcomes
 
 
 def _in_savepoint(
@@ -851,15 +742,126 @@ def _statements(script: str) -> list[str]:
 
 
 def _load_user(conn: sqlite3.Connection, user_id: str) -> UserRecord | None:
-    row = conn.execute(
-        f"SELECT {USER_COLUMNS} FROM user_model WHERE user_id = ?", (user_id,)
-    ).fetchone()
-    return user_from_row(user_id, row)
+    return user_from_row(user_id, conn.execute(_SQL.select_user, (user_id,)).fetchone())
 
 
 def _load_replay(conn: sqlite3.Connection, user_id: str) -> list[LoggedReward]:
-    rows = conn.execute(REPLAY_SQL, (user_id,)).fetchall()
+    rows = conn.execute(_SQL.replay, (user_id,)).fetchall()
     return replay_from_rows(rows, json_as_text=True)
+
+
+def _score(user_id: str, fn: ScoreFn, conn: sqlite3.Connection) -> ScoreWrite:
+    """One /score write alone (Store.score_tx), on the writer thread inside BEGIN
+    IMMEDIATE: the user's row, fn, then the row, the decision and the pruning."""
+    user = _load_user(conn, user_id)
+    try:
+        write = fn(user, None)
+    except ReplayNeeded:
+        write = fn(user, _load_replay(conn, user_id))
+    _put_user(conn, write.user)
+    inserted = conn.execute(_SQL.insert_decision, _decision_params(write.decision)).rowcount
+    _expect_one(inserted, "log the decision")
+    conn.execute(_SQL.prune_user, (user_id, write.keep_from_seq))
+    return write
+
+
+class _ScoreBatch:
+    """Consecutive /score writes run together, with the statements of one write alone
+    (_score) but each run once for all of them: one SELECT of every user, then one
+    `executemany` each for the models, the decisions and the pruning.
+
+    The functions are called in queue order, each on its user as the writes before it
+    in the batch left it (an overlay of the models they wrote), so a user who appears
+    twice sees its own first write. A function that raises writes nothing and gets its
+    error; the others go on. What the functions return is kept in Python and written by
+    `_flush`, which must leave the database as the writes one by one would have:
+
+    - each user's row is written once, with the last model of the batch (no statement
+      reads the rows in between, and every decision row is written all the same);
+    - each user's decisions are pruned once, below the highest pruning point; a decision
+      that an earlier write's pruning would have spared (its seq below that point) first
+      flushes what is pending, so that pruning runs before it is inserted;
+    - a function that needs its user's replay first flushes what is pending, so the
+      replay is read from the log as the writes before it left it.
+
+    A statement that fails raises out of `run`; _score_run then undoes the whole batch.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, scores: list[_Score]) -> None:
+        self._conn = conn
+        self._scores = scores
+        self._users = _load_users(conn, list(dict.fromkeys(s.user_id for s in scores)))
+        self._models: dict[str, tuple[Any, ...]] = {}  # pending, by user_id
+        self._decisions: list[tuple[Any, ...]] = []  # pending, in order
+        self._prune_below: dict[str, int] = {}  # pending, by user_id
+
+    def run(self) -> list[tuple[bool, Any]]:
+        """Each write's outcome: (True, its ScoreWrite) or (False, its function's error)."""
+        outcomes: list[tuple[bool, Any]] = []
+        for score in self._scores:
+            decided = self._decide(score)
+            if isinstance(decided, Exception):
+                outcomes.append((False, decided))
+                continue
+            self._add(score, *decided)
+            outcomes.append((True, decided[0]))
+        self._flush()
+        return outcomes
+
+    def _decide(self, score: _Score) -> tuple[ScoreWrite, tuple[Any, ...]] | Exception:
+        """The function's write and its decision's row, or the error it raised."""
+        user = self._users.get(score.user_id)
+        try:
+            return _decided(score.fn, user, None)
+        except ReplayNeeded:
+            pass
+        except Exception as exc:
+            return exc
+        self._flush()
+        replay = _load_replay(self._conn, score.user_id)
+        try:
+            return _decided(score.fn, user, replay)
+        except Exception as exc:
+            return exc
+
+    def _add(self, score: _Score, write: ScoreWrite, decision: tuple[Any, ...]) -> None:
+        d = write.decision
+        if d.seq < self._prune_below.get(d.user_id, d.seq):
+            self._flush()
+        self._users[write.user.user_id] = write.user
+        self._models[write.user.user_id] = user_params(write.user)
+        self._decisions.append(decision)
+        below = self._prune_below.get(score.user_id, write.keep_from_seq)
+        self._prune_below[score.user_id] = max(below, write.keep_from_seq)
+
+    def _flush(self) -> None:
+        """Write what is pending: the models, then the decisions, then the pruning."""
+        conn = self._conn
+        if self._models:
+            changed = conn.executemany(_UPSERT_USER, self._models.values()).rowcount
+            _expect(changed, len(self._models), "write the users' models")
+        if self._decisions:
+            inserted = conn.executemany(_SQL.insert_decision, self._decisions).rowcount
+            _expect(inserted, len(self._decisions), "log the decisions")
+        if self._prune_below:
+            conn.executemany(_SQL.prune_user, self._prune_below.items())
+        self._models.clear()
+        self._decisions.clear()
+        self._prune_below.clear()
+
+
+def _decided(
+    fn: ScoreFn, user: UserRecord | None, replay: Replay | None
+) -> tuple[ScoreWrite, tuple[Any, ...]]:
+    """fn's write, and its decision as the parameters of the INSERT of a decision."""
+    write = fn(user, replay)
+    return write, _decision_params(write.decision)
+
+
+def _load_users(conn: sqlite3.Connection, user_ids: list[str]) -> dict[str, UserRecord | None]:
+    """The model rows of user_ids (at most SQLite's 32766 parameters), by user_id."""
+    rows = conn.execute(_SQL.select_users(len(user_ids)), user_ids).fetchall()
+    return {row[0]: user_from_row(row[0], row[1:]) for row in rows}
 
 
 def _add_pooled(
@@ -867,34 +869,26 @@ def _add_pooled(
 ) -> None:
     """Store.add_pooled's transaction, on the writer thread inside BEGIN IMMEDIATE (which
     already excludes every other writer, so a plain read-modify-write is safe)."""
-    row = conn.execute(
-        "SELECT count, stats FROM pooled WHERE policy = ? AND shard = ?", (policy, shard)
-    ).fetchone()
+    row = conn.execute(_SQL.pooled_row, (policy, shard)).fetchone()
     if row is not None:
         stats = add_stats(row[1], stats, f"the pooled row ({policy}, {shard})")
         count += row[0]
     conn.execute(_UPSERT_POOLED, (policy, shard, count, encode_array(stats), ts_ms))
-    (shards,) = conn.execute("SELECT count(*) FROM pooled WHERE policy = ?", (policy,)).fetchone()
+    (shards,) = conn.execute(_SQL.count_pooled, (policy,)).fetchone()
     if shards <= POOLED_MAX_SHARDS:
         return
     stale = conn.execute(
-        "SELECT shard, count, stats FROM pooled WHERE policy = ? AND updated_ms < ?"
-        " AND shard NOT IN (?, ?) ORDER BY shard",
-        (policy, ts_ms - POOLED_FOLD_AFTER_MS, FOLDED_SHARD, shard),
+        _SQL.stale_pooled, (policy, ts_ms - POOLED_FOLD_AFTER_MS, FOLDED_SHARD, shard)
     ).fetchall()
     if not stale:
         return
-    folded = conn.execute(
-        "SELECT count, stats FROM pooled WHERE policy = ? AND shard = ?", (policy, FOLDED_SHARD)
-    ).fetchall()
+    folded = conn.execute(_SQL.pooled_row, (policy, FOLDED_SHARD)).fetchall()
     total = sum_pooled([*folded, *(r[1:] for r in stale)], f"a pooled row of {policy}")
     if total is not None:  # always: there is a stale row
         conn.execute(
             _UPSERT_POOLED, (policy, FOLDED_SHARD, total.count, encode_array(total.stats), ts_ms)
         )
-        conn.executemany(
-            "DELETE FROM pooled WHERE policy = ? AND shard = ?", [(policy, r[0]) for r in stale]
-        )
+        conn.execute(_SQL.delete_shards(len(stale)), (policy, *(r[0] for r in stale)))
 
 
 def _put_user(conn: sqlite3.Connection, u: UserRecord) -> None:
@@ -903,8 +897,12 @@ def _put_user(conn: sqlite3.Connection, u: UserRecord) -> None:
 
 def _expect_one(changed: int, what: str) -> None:
     """Every write checks the rows it changed: anything but one undoes the write."""
-    if changed != 1:
-        raise StoreUnavailable(f"could not {what}: {changed} rows changed instead of 1")
+    _expect(changed, 1, what)
+
+
+def _expect(changed: int, expected: int, what: str) -> None:
+    if changed != expected:
+        raise StoreUnavailable(f"could not {what}: {changed} rows changed instead of {expected}")
 
 
 def _journal_mode(conn: sqlite3.Connection) -> str:
