@@ -1,7 +1,13 @@
-"""Shared fixtures: real `oo-serving serve` processes on loopback, on real SQLite files."""
+"""Shared fixtures: real `oo-serving serve` processes on loopback, on real SQLite files.
+
+Under pytest-xdist (`-n 2`) the workers run tests side by side, each on its own
+throwaway PostgreSQL database; a test marked `alone` (it restarts the PostgreSQL cluster
+every worker uses) waits until no other test runs, and none starts until it ends.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -20,7 +26,76 @@ import psycopg
 import pytest
 
 STARTUP_TIMEOUT_S = 30.0
+ALONE = "alone"
 DEFAULT_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{ALONE}: under pytest-xdist, runs while no other worker runs a test (it restarts"
+        " the PostgreSQL cluster all workers use)",
+    )
+
+
+class Turns:
+    """Under pytest-xdist, who may run now: any number of tests together, or one `alone`.
+
+    A readers-writer lock of two flock(2) files shared by the workers: every test holds
+    `lock` shared, a test marked alone holds it exclusively. A test marked alone first
+    takes `gate` exclusively, and the others pass the gate before they take `lock`: once
+    it waits, no new test starts ahead of it. Without xdist there is one process, and
+    nothing to wait for: no file is locked.
+    """
+
+    def __init__(self) -> None:
+        self._folder: Path | None = None
+        self._held = 0  # nested turns of this process (a fixture inside a test's turn)
+
+    def place(self, folder: Path) -> None:
+        self._folder = folder
+
+    @contextmanager
+    def turn(self, alone: bool = False) -> Iterator[None]:
+        if self._folder is None or self._held:
+            self._held += 1
+            try:
+                yield
+            finally:
+                self._held -= 1
+            return
+        with (
+            (self._folder / "turns.gate").open("a") as gate,
+            (self._folder / "turns.lock").open("a") as lock,
+        ):
+            fcntl.flock(gate, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+            if not alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+            self._held += 1
+            try:
+                yield
+            finally:
+                self._held -= 1
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+TURNS = Turns()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _turns_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The workers' shared folder for `Turns`: the parent of each worker's temporary one."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        TURNS.place(tmp_path_factory.getbasetemp().parent)
+
+
+@pytest.fixture(autouse=True)
+def _turn(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The test's turn: with every other test, or alone if marked so."""
+    with TURNS.turn(alone=request.node.get_closest_marker(ALONE) is not None):
+        yield
 
 
 def with_database(dsn: str, name: str) -> str:
@@ -39,7 +114,8 @@ def postgres_admin_dsn() -> str:
     """
     dsn = os.environ.get("OO_TEST_POSTGRES_DSN", DEFAULT_POSTGRES_DSN)
     try:
-        psycopg.connect(dsn, autocommit=True, connect_timeout=3).close()
+        with TURNS.turn():  # set up before a test's turn: not while the cluster restarts
+            psycopg.connect(dsn, autocommit=True, connect_timeout=3).close()
     except psycopg.OperationalError as exc:
         reason = f"PostgreSQL is not reachable at OO_TEST_POSTGRES_DSN={dsn}: {exc}"
         if os.environ.get("CI") == "true":
@@ -52,13 +128,14 @@ def postgres_admin_dsn() -> str:
 def throwaway_database(admin_dsn: str) -> Iterator[str]:
     """A new, empty database; its URL; dropped afterwards."""
     name = f"oo_test_{uuid.uuid4().hex[:12]}"
-    # A connection for each statement: a test may restart the database in between.
-    with psycopg.connect(admin_dsn, autocommit=True) as admin:
+    # A connection for each statement: a test may restart the database in between. A
+    # session's database is made and dropped outside any test's turn: each takes one.
+    with TURNS.turn(), psycopg.connect(admin_dsn, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
         yield with_database(admin_dsn, name)
     finally:
-        with psycopg.connect(admin_dsn, autocommit=True) as admin:
+        with TURNS.turn(), psycopg.connect(admin_dsn, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

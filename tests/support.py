@@ -46,3 +46,46 @@ def oo_serving(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
         timeout=timeout,
         check=False,
     )
+
+
+class SideBySide:
+    """`oo-serving` commands started together; each one's exit code and output.
+
+    For commands that each wait out a time-out (a PostgreSQL that refuses, a database
+    that does not exist: the connection pool keeps retrying for seconds before it gives
+    up): run one after the other, the waits add up; side by side, they overlap.
+    """
+
+    def __init__(self, commands: dict[str, tuple[str, ...]]) -> None:
+        self._running = {
+            key: subprocess.Popen(
+                [sys.executable, "-m", "oo_serving", *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for key, args in commands.items()
+        }
+        self._done: dict[str, subprocess.CompletedProcess[str]] = {}
+
+    def result(self, key: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """The command `key` once it has ended: its exit code and output."""
+        if key not in self._done:
+            proc = self._running[key]
+            stdout, stderr = proc.communicate(timeout=timeout)
+            self._done[key] = subprocess.CompletedProcess(
+                proc.args, proc.returncode, stdout, stderr
+            )
+        return self._done[key]
+
+    def wait(self) -> None:
+        """Until every command has ended."""
+        for key in self._running:
+            self.result(key)
+
+    def close(self) -> None:
+        """End whatever is still running (a test that failed before reading it)."""
+        for proc in self._running.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()

@@ -31,8 +31,8 @@ from oo_serving.cli import app as cli_app
 from oo_serving.redact import redact_secrets, redact_url
 from oo_serving.settings import Settings
 from oo_serving.store import migrations
-from tests.conftest import Server
-from tests.support import metric, oo_serving
+from tests.conftest import TURNS, Server
+from tests.support import SideBySide, metric, oo_serving
 
 DOCS = Path(__file__).parent.parent / "docs" / "cli.md"
 
@@ -319,25 +319,60 @@ def refusal(done: subprocess.CompletedProcess[str]) -> str:
     return done.stderr.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("command", OPENING.values(), ids=list(OPENING))
-def test_an_unreachable_database_is_named_with_the_cause(command: tuple[str, ...]) -> None:
-    done = oo_serving(*command, "--database", UNREACHABLE)
+MISSING = "missing-"  # the key of a command run on a database that does not exist
+MISSING_COMMANDS = ["serve", "migrate", "check"]
+
+
+@pytest.fixture(scope="module")
+def unusable(request: pytest.FixtureRequest) -> tuple[SideBySide, str]:
+    """Every command of the two tests below, started at once (the pool retries a
+    connection for seconds before it gives up: run one by one, the waits add up), and the
+    database that does not exist as it is shown (without PostgreSQL, only the commands on
+    an unreachable one: the others' test skips)."""
+    commands = {key: (*command, "--database", UNREACHABLE) for key, command in OPENING.items()}
+    shown = ""
+    try:
+        admin_dsn = str(request.getfixturevalue("postgres_admin_dsn"))
+    except pytest.skip.Exception:
+        pass
+    else:
+        parts = urlsplit(admin_dsn)
+        name = f"oo_missing_{uuid.uuid4().hex[:8]}"
+        where = f"{parts.username or 'postgres'}:{{}}@{parts.hostname}:{parts.port or 5432}"
+        for key in MISSING_COMMANDS:
+            url = f"postgresql://{where.format(SECRET)}/{name}"
+            commands[MISSING + key] = (*OPENING[key], "--database", url)
+        shown = f"postgresql://{where.format('***')}/{name}"
+    with TURNS.turn():  # the commands talk to PostgreSQL: not while it restarts
+        side = SideBySide(commands)
+        try:
+            side.wait()
+        finally:
+            side.close()
+    return side, shown
+
+
+# Both tests are one batch: under pytest-xdist they run on one worker, which starts it once.
+@pytest.mark.xdist_group("cli-unusable-database")
+@pytest.mark.parametrize("command", list(OPENING))
+def test_an_unreachable_database_is_named_with_the_cause(
+    unusable: tuple[SideBySide, str], command: str
+) -> None:
+    done = unusable[0].result(command)
     line = refusal(done)
     assert line.startswith(f"oo-serving: cannot connect to PostgreSQL at {UNREACHABLE_SHOWN}: ")
     assert "Connection refused" in line
     assert "pool initialization incomplete" not in done.stderr
 
 
-@pytest.mark.parametrize("command", ["serve", "migrate", "check"])
+@pytest.mark.xdist_group("cli-unusable-database")
+@pytest.mark.parametrize("command", MISSING_COMMANDS)
 def test_a_database_that_does_not_exist_is_named_with_the_cause(
-    postgres_admin_dsn: str, command: str
+    postgres_admin_dsn: str, unusable: tuple[SideBySide, str], command: str
 ) -> None:
-    parts = urlsplit(postgres_admin_dsn)
-    name = f"oo_missing_{uuid.uuid4().hex[:8]}"
-    where = f"{parts.username or 'postgres'}:{{}}@{parts.hostname}:{parts.port or 5432}"
-    url = f"postgresql://{where.format(SECRET)}/{name}"
-    line = refusal(oo_serving(*OPENING[command], "--database", url))
-    shown = f"postgresql://{where.format('***')}/{name}"
+    side, shown = unusable
+    line = refusal(side.result(MISSING + command))
+    name = shown.rpartition("/")[2]
     assert line.startswith(f"oo-serving: cannot connect to PostgreSQL at {shown}: ")
     assert line.endswith(f'database "{name}" does not exist')
 

@@ -8,13 +8,13 @@ the error statuses are new. Expected numbers are computed here from the LinUCB f
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from tests.oracle import closed_form, feature_vector
 from tests.support import error_locs
 
 TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
@@ -46,29 +46,6 @@ PATHS = {
 
 
 # ── helpers ──────────────────────────────────────────────────────────────────
-def x_of(hour: int, overdue: bool = False, age: float = 0.0, priority: int = 1) -> np.ndarray:
-    """The prototype's feature vector (d = 5)."""
-    angle = 2.0 * math.pi * hour / 24.0
-    return np.array(
-        [
-            math.sin(angle),
-            math.cos(angle),
-            1.0 if overdue else 0.0,
-            min(float(age), 30.0) / 30.0,
-            (float(priority) - 1.0) / 3.0,
-        ]
-    )
-
-
-def closed_form_theta(observations: list[tuple[np.ndarray, float]]) -> np.ndarray:
-    A = np.identity(5)
-    b = np.zeros(5)
-    for x, r in observations:
-        A += np.outer(x, x)
-        b += r * x
-    return np.linalg.solve(A, b)
-
-
 def feats(
     hour: int = 12, overdue: bool = False, age: float = 0.0, priority: int = 1
 ) -> dict[str, Any]:
@@ -269,7 +246,7 @@ def test_score_response_fields_and_defaults(client: httpx.Client, user_id: str) 
     assert isinstance(out["event_id"], str)
     assert 1 <= len(out["event_id"]) <= 64  # /reward accepts it back
     # A fresh user: A = I, b = 0, so the score is the norm of x.
-    assert out["score"] == pytest.approx(float(np.linalg.norm(x_of(12))), abs=1e-12)
+    assert out["score"] == pytest.approx(float(np.linalg.norm(feature_vector(12))), abs=1e-12)
 
     (entry,) = history(client, user_id)
     assert set(entry) == {"ts", "features", "score", "tip_id", "event_id"}
@@ -294,7 +271,7 @@ def test_score_on_fresh_user_is_norm_of_context_vector(client: httpx.Client, use
         day=3,
     )
     assert out["tip_id"] == "high"
-    expected = float(np.linalg.norm(x_of(9, True, 10, 4)))
+    expected = float(np.linalg.norm(feature_vector(9, True, 10, 4)))
     assert out["score"] == pytest.approx(expected, abs=1e-12)
 
 
@@ -302,7 +279,7 @@ def test_candidate_hour_is_ignored_for_scoring(client: httpx.Client, user_id: st
     # Same features but the hour: scored at the context hour, they tie, the first wins.
     out = score(client, user_id, [cand("first", hour=0), cand("second", hour=17)], hour=6)
     assert out["tip_id"] == "first"
-    assert out["score"] == pytest.approx(float(np.linalg.norm(x_of(6))), abs=1e-12)
+    assert out["score"] == pytest.approx(float(np.linalg.norm(feature_vector(6))), abs=1e-12)
     (entry,) = history(client, user_id)
     assert entry["features"]["hour_of_day"] == 6
 
@@ -322,7 +299,9 @@ def test_task_age_over_30_counts_as_30(client: httpx.Client, user_id: str) -> No
     out_45 = score(client, f"{user_id}-45", [cand("t", age=45.0)], hour=8)
     out_30 = score(client, f"{user_id}-30", [cand("t", age=30.0)], hour=8)
     assert out_45["score"] == pytest.approx(out_30["score"], abs=1e-12)
-    assert out_45["score"] == pytest.approx(float(np.linalg.norm(x_of(8, age=30))), abs=1e-12)
+    assert out_45["score"] == pytest.approx(
+        float(np.linalg.norm(feature_vector(8, age=30))), abs=1e-12
+    )
     # The history keeps the features as given, the vector clips them.
     (entry,) = history(client, f"{user_id}-45")
     assert entry["features"]["task_age_days"] == 45.0
@@ -394,8 +373,8 @@ def test_stats_counters(client: httpx.Client, user_id: str) -> None:
     assert s["estimated_mean"] == pytest.approx(0.25)
     assert s["estimated_mean_reward"] == s["estimated_mean"]
     assert TS_RE.match(s["last_updated"])
-    x = x_of(9, priority=4)
-    expected = closed_form_theta([(x, 1.0), (x, -0.5)])
+    x = feature_vector(9, priority=4)
+    expected = closed_form([(x, 1.0), (x, -0.5)]).theta
     assert len(s["theta"]) == 5
     np.testing.assert_allclose(s["theta"], expected, rtol=0, atol=1e-9)
 
@@ -435,7 +414,9 @@ def test_reset_removes_only_that_user(client: httpx.Client, user_id: str) -> Non
     assert_error(r, 404, ["body", "event_id"])
     # And the next decision starts from A = I, b = 0.
     out = score(client, gone, [cand("t", priority=3)], hour=10)
-    assert out["score"] == pytest.approx(float(np.linalg.norm(x_of(10, priority=3))), abs=1e-12)
+    assert out["score"] == pytest.approx(
+        float(np.linalg.norm(feature_vector(10, priority=3))), abs=1e-12
+    )
     assert stats(client, gone)["pulls"] == 1
 
 
@@ -466,8 +447,8 @@ def test_reward_with_event_id_learns_once(client: httpx.Client, user_id: str) ->
     s = stats(client, user_id)
     assert s["reward_count"] == 1
     assert s["cumulative_reward"] == 1.0
-    x = x_of(15, True, 2.0, 2)
-    np.testing.assert_allclose(s["theta"], closed_form_theta([(x, 1.0)]), rtol=0, atol=1e-9)
+    x = feature_vector(15, True, 2.0, 2)
+    np.testing.assert_allclose(s["theta"], closed_form([(x, 1.0)]).theta, rtol=0, atol=1e-9)
 
     before_stats = client.get(f"/stats/{user_id}").content
     before_history = client.get(f"/features/{user_id}").content
@@ -555,7 +536,7 @@ def test_reward_without_event_id_joins_latest_decision_for_tip(
     }
     s = stats(client, user_id)
     assert s["reward_count"] == 1
-    expected = closed_form_theta([(x_of(15, priority=2), 0.5)])
+    expected = closed_form([(feature_vector(15, priority=2), 0.5)]).theta
     np.testing.assert_allclose(s["theta"], expected, rtol=0, atol=1e-9)
 
 
@@ -582,7 +563,7 @@ def test_reward_without_any_decision_learns_on_body_features(
     assert s["cumulative_reward"] == -1.0
     assert s["estimated_mean"] == -1.0
     assert TS_RE.match(s["last_updated"])
-    expected = closed_form_theta([(x_of(7, True, 40.0, 3), -1.0)])
+    expected = closed_form([(feature_vector(7, True, 40.0, 3), -1.0)]).theta
     np.testing.assert_allclose(s["theta"], expected, rtol=0, atol=1e-9)
 
 
@@ -601,7 +582,7 @@ def test_reward_for_tip_never_chosen_uses_body_features(client: httpx.Client, us
         "reward_n": None,
         "aggregation": None,
     }
-    expected = closed_form_theta([(x_of(20, priority=2), 1.0)])
+    expected = closed_form([(feature_vector(20, priority=2), 1.0)]).theta
     np.testing.assert_allclose(stats(client, user_id)["theta"], expected, rtol=0, atol=1e-9)
 
 
@@ -611,11 +592,11 @@ def test_learning_uses_the_scored_vector(client: httpx.Client, user_id: str) -> 
     r = reward(client, user_id, "t", 1.0, feats(hour=21, overdue=False, age=0.0, priority=1))
     assert r.status_code == 200
     assert r.json()["learned"] is True
-    scored = x_of(9, True, 5.0, 4)
-    expected = closed_form_theta([(scored, 1.0)])
+    scored = feature_vector(9, True, 5.0, 4)
+    expected = closed_form([(scored, 1.0)]).theta
     theta = stats(client, user_id)["theta"]
     np.testing.assert_allclose(theta, expected, rtol=0, atol=1e-9)
-    wrong = closed_form_theta([(x_of(21), 1.0)])
+    wrong = closed_form([(feature_vector(21), 1.0)]).theta
     assert not np.allclose(theta, wrong, rtol=0, atol=1e-6)
 
 
@@ -627,11 +608,8 @@ def test_learned_model_changes_the_choice(client: httpx.Client, user_id: str) ->
     reward(client, user_id, "long", -1.0, event_id=first["event_id"])
     second = score(client, user_id, candidates, hour=12)
     assert second["tip_id"] == "short"
-    x_long, x_short = x_of(12, True, 0, 4), x_of(12)
-    A = np.identity(5) + np.outer(x_long, x_long)
-    A_inv = np.linalg.inv(A)
-    theta = A_inv @ (-1.0 * x_long)
-    expected = float(theta @ x_short + math.sqrt(x_short @ A_inv @ x_short))
+    x_long, x_short = feature_vector(12, True, 0, 4), feature_vector(12)
+    expected = closed_form([(x_long, -1.0)]).score(x_short)
     assert second["score"] == pytest.approx(expected, abs=1e-9)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from tests.oracle import closed_form, vector_of
 
 ALPHA = 1.0
 D = 5
@@ -22,34 +23,21 @@ REWARDS = (1.0, 0.5, 0.0, -0.5, -1.0)
 NUMERICAL_TIE = 1e-12
 
 
-def build_feature_vector(features: dict[str, Any]) -> np.ndarray:
-    hour = features.get("hour_of_day", 12)
-    hour_sin = math.sin(2 * math.pi * hour / 24)
-    hour_cos = math.cos(2 * math.pi * hour / 24)
-    is_overdue = float(bool(features.get("is_overdue", False)))
-    age = min(float(features.get("task_age_days", 0)), 30.0) / 30.0
-    priority = (float(features.get("priority", 1)) - 1.0) / 3.0
-    return np.array([hour_sin, hour_cos, is_overdue, age, priority], dtype=np.float64)
-
-
 class Reference:
     """One user of the prototype: A = I, b = 0, θ = A⁻¹b, ties to the first candidate."""
 
     def __init__(self) -> None:
-        self.A = np.identity(D)
-        self.b = np.zeros(D)
+        self.observed: list[tuple[np.ndarray, float]] = []
         self.pulls = 0
         self.reward_count = 0
         self.cumulative_reward = 0.0
 
     def scores(self, candidates: list[dict[str, Any]], hour: int) -> list[float]:
-        A_inv = np.linalg.inv(self.A)
-        theta = A_inv @ self.b
-        out = []
-        for c in candidates:
-            x = build_feature_vector({**c["features"], "hour_of_day": hour})
-            out.append(float(theta @ x) + ALPHA * math.sqrt(float(x @ A_inv @ x)))
-        return out
+        model = closed_form(self.observed)
+        return [
+            model.score(vector_of({**c["features"], "hour_of_day": hour}), ALPHA)
+            for c in candidates
+        ]
 
     def choose(self, scores: list[float]) -> int:
         best, best_score = 0, -math.inf
@@ -60,15 +48,13 @@ class Reference:
         return best
 
     def reward(self, features: dict[str, Any], r: float) -> None:
-        x = build_feature_vector(features)
-        self.A += np.outer(x, x)
-        self.b += r * x
+        self.observed.append((vector_of(features), r))
         self.reward_count += 1
         self.cumulative_reward += r
 
     @property
     def theta(self) -> np.ndarray:
-        return np.linalg.inv(self.A) @ self.b
+        return closed_form(self.observed).theta
 
 
 def random_features(rng: random.Random) -> dict[str, Any]:
@@ -101,7 +87,7 @@ def random_candidates(rng: random.Random, step: int) -> list[dict[str, Any]]:
 
 
 def scored_vector(candidate: dict[str, Any], hour: int) -> tuple[float, ...]:
-    return tuple(build_feature_vector({**candidate["features"], "hour_of_day": hour}))
+    return tuple(vector_of({**candidate["features"], "hour_of_day": hour}))
 
 
 def expected_choice(

@@ -77,8 +77,11 @@ def chromium() -> Iterator[object]:
             browser.close()
 
 
+# It takes server_factory so as to be set up after it, and so torn down before the
+# test's servers stop: a server's graceful stop waits for the page's keep-alive
+# connections to close, seconds a test otherwise.
 @pytest.fixture
-def browser_page(chromium: object) -> Iterator[BrowserPage]:
+def browser_page(chromium: object, server_factory: object) -> Iterator[BrowserPage]:
     """A fresh page (own context: no cookies or cache shared between tests)."""
     from playwright.sync_api import Browser, ConsoleMessage, Request, Route
 

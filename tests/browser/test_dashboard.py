@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import httpx
 import pytest
 
 from tests.browser.conftest import BrowserPage
-from tests.conftest import Server
+from tests.conftest import Server, free_port
 from tests.dashboard_support import HOSTILE_TIP, SPLIT_ENV, Sent, drive, save_evaluation
 
 pytestmark = pytest.mark.slow
@@ -47,16 +48,30 @@ def evaluate(server: Server) -> dict[str, Any]:
     return result
 
 
-@pytest.fixture
-def served(server_factory: Any) -> tuple[Server, Sent, dict[str, Any]]:
+@pytest.fixture(scope="module")
+def served(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Server, Sent, dict[str, Any]]]:
     """A server split between both policies, exploring, after 400 decisions of 20 users
-    (a candidate of each with a hostile id), and its evaluation saved."""
-    server: Server = server_factory(env=SPLIT_ENV)
-    with server.client() as client:
-        sent = drive(client, decisions=400, users=20, seed=42, hostile=True)
-    result = evaluate(server)
-    save_evaluation(server.database_url, result, command="oo-serving evaluate --json")
-    return server, sent, result
+    (a candidate of each with a hostile id), and its evaluation saved. Shared by the tests
+    of this module, which only read it."""
+    folder = tmp_path_factory.mktemp("served")
+    server = Server(
+        db_path=folder / "oo.db",
+        port=free_port(),
+        workers=1,
+        log_path=folder / "server.log",
+        env=SPLIT_ENV,
+    )
+    server.start()
+    try:
+        with server.client() as client:
+            sent = drive(client, decisions=400, users=20, seed=42, hostile=True)
+        result = evaluate(server)
+        save_evaluation(server.database_url, result, command="oo-serving evaluate --json")
+        yield server, sent, result
+    finally:
+        server.stop()
 
 
 def _open(bp: BrowserPage, url: str, status: int = 200) -> None:

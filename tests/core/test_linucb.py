@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from tests.oracle import closed_form
 
 from oo_serving.core import linucb
 from oo_serving.core.features import D
@@ -33,23 +34,6 @@ def learn(observed: list[tuple[np.ndarray, float]]) -> LinUCBState:
     for x, r in observed:
         state = update(state, x, r)
     return state
-
-
-def closed_form(observed: list[tuple[np.ndarray, float]]) -> tuple[np.ndarray, np.ndarray]:
-    """A = I + Σ x xᵀ and b = Σ r x, built directly."""
-    A = np.identity(D)
-    b = np.zeros(D)
-    for x, r in observed:
-        A += np.outer(x, x)
-        b += r * x
-    return A, b
-
-
-def naive_scores(alpha: float, A: np.ndarray, b: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """The prototype's scoring: invert A, then score each row on its own."""
-    A_inv = np.linalg.inv(A)
-    theta = A_inv @ b
-    return np.array([theta @ x + alpha * math.sqrt(x @ A_inv @ x) for x in X])
 
 
 def random_feature_box(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -88,10 +72,10 @@ def test_sherman_morrison_equals_closed_form_ridge(
     observed: list[tuple[np.ndarray, float]],
 ) -> None:
     state = learn(observed)
-    A, b = closed_form(observed)
-    np.testing.assert_allclose(state.A_inv, np.linalg.inv(A), rtol=0, atol=1e-9)
-    np.testing.assert_allclose(state.b, b, rtol=0, atol=1e-12)
-    np.testing.assert_allclose(state.theta, np.linalg.solve(A, b), rtol=0, atol=1e-9)
+    truth = closed_form(observed)
+    np.testing.assert_allclose(state.A_inv, truth.A_inv, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(state.b, truth.b, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(state.theta, truth.theta, rtol=0, atol=1e-9)
     # A⁻¹ stays symmetric.
     np.testing.assert_allclose(state.A_inv, state.A_inv.T, rtol=0, atol=1e-12)
 
@@ -147,10 +131,10 @@ def test_scores_equal_the_naive_formula(
 ) -> None:
     params = LinUCBParams(alpha=alpha)
     state = learn(observed)
-    A, b = closed_form(observed)
     scores = linucb.ucb_scores(params, state, X)
     assert scores.shape == (X.shape[0],)
-    np.testing.assert_allclose(scores, naive_scores(alpha, A, b, X), rtol=0, atol=1e-9)
+    expected = closed_form(observed).scores(X, alpha)
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-9)
 
 
 @settings(deadline=None)

@@ -6,7 +6,6 @@ Every acknowledged update must be counted exactly once: no lost update, no 5xx.
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 
 import httpx
@@ -14,25 +13,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import Server
+from tests.oracle import closed_form, vector_of
 
 pytestmark = pytest.mark.slow
 
 N_REWARDS = 500
 N_SCORES = 500
 REWARD_VALUES = (1.0, 0.5, 0.0, -0.5, -1.0)
-
-
-def _vector(hour: int, overdue: bool, age: float, priority: int) -> np.ndarray:
-    angle = 2 * math.pi * hour / 24
-    return np.array(
-        [
-            math.sin(angle),
-            math.cos(angle),
-            float(overdue),
-            min(age, 30.0) / 30.0,
-            (priority - 1) / 3,
-        ]
-    )
 
 
 async def _burst(base_url: str, requests: list[tuple[str, dict[str, object]]]) -> list[int]:
@@ -90,11 +77,5 @@ def test_concurrent_rewards_and_scores_on_two_workers_lose_nothing(server_factor
     assert len(history) == 100
     assert len({h["event_id"] for h in history}) == 100
 
-    A = np.identity(5)
-    b = np.zeros(5)
-    for r in rewards:
-        f = r["features"]
-        x = _vector(f["hour_of_day"], f["is_overdue"], f["task_age_days"], f["priority"])
-        A += np.outer(x, x)
-        b += r["reward"] * x
-    np.testing.assert_allclose(stats["theta"], np.linalg.solve(A, b), atol=1e-9)
+    expected = closed_form((vector_of(r["features"]), r["reward"]) for r in rewards)
+    np.testing.assert_allclose(stats["theta"], expected.theta, atol=1e-9)

@@ -117,6 +117,7 @@ def _restart_local_postgres(url: str) -> None:
     assert wait_for_postgres(url), "PostgreSQL did not come back after its restart"
 
 
+@pytest.mark.alone  # restarts the cluster every other test's database is on
 def test_kill9_of_two_replicas_and_a_database_restart_lose_nothing(
     server_factory, fresh_postgres_url: str
 ) -> None:

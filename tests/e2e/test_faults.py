@@ -818,6 +818,7 @@ async def _restart_mid_burst(server: Server, url: str, version: str) -> tuple[Le
     return ledger, recovered_in, done.stdout + done.stderr
 
 
+@pytest.mark.alone  # restarts the cluster every other test's database is on
 def test_a_postgres_restart_mid_burst_answers_503_and_loses_nothing(
     server_factory, fresh_postgres_url: str
 ) -> None:

@@ -17,7 +17,8 @@ from oo_serving.settings import Settings
 from oo_serving.store import migrations
 from oo_serving.store.factory import open_store
 from oo_serving.store.postgres import _SCHEMA_TABLE
-from tests.support import oo_serving
+from tests.conftest import TURNS
+from tests.support import SideBySide, oo_serving
 
 pytestmark = pytest.mark.slow
 
@@ -183,25 +184,37 @@ MISSING_DB = f"postgresql://postgres:{SECRET}@127.0.0.1:5432/oo_no_such_database
 # libpq quotes a URL it cannot parse, password and all, in the pool's warnings.
 MALFORMED = f"postgresql://postgres:{SECRET}@[::1:5432/postgres"
 MIGRATE, SERVE, PRUNE = ("migrate",), ("serve", "--port", "0"), ("prune", "--older-than-days", "1")
+REFUSED = {
+    "migrate-unsupported": (MIGRATE, MYSQL),
+    "serve-unsupported": (SERVE, MYSQL),
+    "prune-unsupported": (PRUNE, MYSQL),
+    "migrate-missing-database": (MIGRATE, MISSING_DB),
+    "migrate-malformed": (MIGRATE, MALFORMED),
+    "serve-malformed": (SERVE, MALFORMED),
+    "prune-malformed": (PRUNE, MALFORMED),
+}
 
 
-@pytest.mark.parametrize(
-    ("command", "url"),
-    [
-        pytest.param(MIGRATE, MYSQL, id="migrate-unsupported"),
-        pytest.param(SERVE, MYSQL, id="serve-unsupported"),
-        pytest.param(PRUNE, MYSQL, id="prune-unsupported"),
-        pytest.param(MIGRATE, MISSING_DB, id="migrate-missing-database"),
-        pytest.param(MIGRATE, MALFORMED, id="migrate-malformed"),
-        pytest.param(SERVE, MALFORMED, id="serve-malformed"),
-        pytest.param(PRUNE, MALFORMED, id="prune-malformed"),
-    ],
-)
+@pytest.fixture(scope="module")
+def refused(postgres_admin_dsn: str) -> SideBySide:
+    """Every case of the test below, started at once: the pool retries a connection for
+    seconds before it gives up, and run one by one the waits add up."""
+    with TURNS.turn():  # the commands talk to PostgreSQL: not while it restarts
+        side = SideBySide({case: (*cmd, "--database", url) for case, (cmd, url) in REFUSED.items()})
+        try:
+            side.wait()
+        finally:
+            side.close()
+    return side
+
+
+@pytest.mark.xdist_group("migrations-refused")  # one batch: one worker starts it once
+@pytest.mark.parametrize("case", list(REFUSED))
 def test_a_database_that_cannot_be_used_is_refused_without_its_password(
-    postgres_admin_dsn: str, command: tuple[str, ...], url: str
+    refused: SideBySide, case: str
 ) -> None:
-    """Exit 2 with a message, never the password (postgres_admin_dsn: skip without one)."""
-    result = oo_serving(*command, "--database", url)
+    """Exit 2 with a message, never the password (skips without PostgreSQL)."""
+    result = refused.result(case)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert SECRET not in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
