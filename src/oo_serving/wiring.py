@@ -6,6 +6,11 @@ Used by the app factory and by the commands that act on a database as the server
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from oo_serving import sweep as sweep_mod
 from oo_serving.assignment import Assignment, parse_split
 from oo_serving.core import exploration, registry
 from oo_serving.core.policy import Policy
@@ -55,3 +60,36 @@ def service_of(settings: Settings, store: Store) -> Service:
         reward_wait_ms=settings.reward_wait_ms,
         aggregation=settings.reward_aggregation,
     )
+
+
+@contextlib.asynccontextmanager
+async def background(service: Service, settings: Settings, *, sweep: bool) -> AsyncIterator[None]:
+    """What runs beside the requests: the population's prior kept fresh (read before the
+    first request, so that a new user's very first /score uses it) and, with `sweep`,
+    the sweep of default rewards. Stopped on exit, the population's last sums flushed."""
+    population = service.population
+    tasks: list[asyncio.Task[None]] = []
+    if population.names:
+        await population.refresh()
+        tasks.append(asyncio.create_task(population.run(settings.population_refresh_s)))
+    if sweep and settings.sweep_interval_s > 0:
+        tasks.append(
+            asyncio.create_task(
+                sweep_mod.run(
+                    service,
+                    settings.sweep_interval_s,
+                    default_reward=settings.default_reward,
+                    retention_ms=settings.log_retention_ms,
+                )
+            )
+        )
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if population.names:
+            with contextlib.suppress(Exception):  # the database may have stopped us
+                await population.flush()

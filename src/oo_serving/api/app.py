@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
 
-from oo_serving import __version__, sweep
+from oo_serving import __version__
+from oo_serving.api import convertors
 from oo_serving.api.auth import Access, KeyRing
-from oo_serving.api.body_limit import BodyLimitMiddleware
+from oo_serving.api.bodies import Bodies
 from oo_serving.api.dashboard import dashboard_router
 from oo_serving.api.docs import install_docs
+from oo_serving.api.edge import Edge
 from oo_serving.api.errors import install_error_handlers
+from oo_serving.api.hot import HotRoutes
 from oo_serving.api.index import index_router
-from oo_serving.api.observe import ObserveMiddleware
-from oo_serving.api.routes import build_router, install_body_schemas
+from oo_serving.api.openapi import install_body_schemas
+from oo_serving.api.routes import build_router
 from oo_serving.api.schemas import ErrorResponse
 from oo_serving.logs import UserIdHasher
 from oo_serving.metrics import InstrumentedStore, Metrics
 from oo_serving.settings import Settings
 from oo_serving.store import open_store
-from oo_serving.wiring import service_of
+from oo_serving.wiring import background, service_of
 
 DESCRIPTION = """
 Picks which tip (one of a user's tasks) the oO app shows next, and learns from what the
@@ -38,6 +40,19 @@ names the field.
 """
 
 
+class ServingApp(FastAPI):
+    """FastAPI, entered through one ASGI layer (`api/edge.py`) that serves /score and
+    /reward itself and observes every request; FastAPI serves the rest."""
+
+    edge: Edge
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.edge(scope, receive, send)
+
+    async def serve_cold(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings) -> FastAPI:
     ring = KeyRing.load(settings.api_keys.get_secret_value(), settings.api_keys_file)
     access = Access.of(ring, settings.metrics_key.get_secret_value(), ErrorResponse)
@@ -48,39 +63,14 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await store.open()
-        population = service.population
         try:
-            # The population's prior is read before the first request, so a new user's
-            # very first /score uses it.
-            tasks: list[asyncio.Task[None]] = []
-            if population.names:
-                await population.refresh()
-                tasks.append(asyncio.create_task(population.run(settings.population_refresh_s)))
-            if settings.sweep_interval_s > 0:
-                tasks.append(
-                    asyncio.create_task(
-                        sweep.run(
-                            service,
-                            settings.sweep_interval_s,
-                            default_reward=settings.default_reward,
-                            retention_ms=settings.log_retention_ms,
-                        )
-                    )
-                )
-            try:
+            async with background(service, settings, sweep=True):
                 yield
-            finally:
-                for task in tasks:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                if population.names:
-                    with contextlib.suppress(Exception):  # the database may have stopped us
-                        await population.flush()
         finally:
             await store.close()
 
-    app = FastAPI(
+    convertors.register()
+    app = ServingApp(
         title="oO ML Serving",
         version=__version__,
         description=DESCRIPTION,
@@ -92,18 +82,19 @@ def create_app(settings: Settings) -> FastAPI:
         redoc_url=None,
     )
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    # Added last, so outermost: it sees every answer, the body limit's 413 included.
-    app.add_middleware(
-        ObserveMiddleware,
-        metrics=metrics,
+    hot = HotRoutes(service, Bodies(settings.max_candidates), ring, metrics)
+    app.edge = Edge(
+        app.serve_cold,
+        hot.routes,
+        metrics,
         user_label=UserIdHasher(
             settings.log_hash_key.get_secret_value() or secrets.token_hex(32),
             clear=settings.log_user_ids == "clear",
         ),
         log_requests=settings.access_log,
+        max_bytes=settings.max_body_bytes,
     )
-    router, body_models = build_router(service, settings.max_candidates, access, metrics)
+    router, body_models = build_router(service, hot, access, metrics)
     app.include_router(router)
     app.include_router(dashboard_router(service, settings, ring))
     install_docs(app)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from fastapi import Depends, Request
 from pydantic import BaseModel
 
-from oo_serving.api.observe import KEY_ID_KEY
+from oo_serving.api.scope_keys import KEY_ID_KEY
 
 Scope = Literal["decide", "read", "admin"]
 SCOPES: tuple[Scope, ...] = ("decide", "read", "admin")
@@ -152,7 +152,12 @@ SECURITY_SCHEME: dict[str, Any] = {
 
 def bearer_token(request: Request) -> str | None:
     """The KEY of an `Authorization: Bearer KEY` header, or None."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return bearer_of(request.headers.get("authorization", ""))
+
+
+def bearer_of(authorization: str) -> str | None:
+    """The KEY of an `Authorization` header's value `Bearer KEY`, or None."""
+    scheme, _, token = authorization.partition(" ")
     token = token.strip()
     return token if scheme.lower() == "bearer" and token else None
 
@@ -182,6 +187,30 @@ def _presented_key(request: Request) -> str:
     return token
 
 
+def authorize(ring: KeyRing, authorization: str | None) -> ApiKey:
+    """The configured key an `Authorization` header's value presents; AuthError 401
+    without one. Its scopes are checked apart (`refuse_scope`), once the key's id is
+    noted for the request log."""
+    token = bearer_of(authorization or "")
+    if token is None:
+        raise _missing()
+    key = ring.find(token)
+    if key is None:
+        raise _invalid()
+    return key
+
+
+def refuse_scope(key: ApiKey, scope: Scope) -> None:
+    """AuthError 403 unless `key` allows `scope`."""
+    if scope not in key.allows:
+        raise AuthError(
+            403,
+            "insufficient_scope",
+            f"this API key does not have the {scope!r} scope",
+            f'Bearer realm="{REALM}", error="insufficient_scope", scope="{scope}"',
+        )
+
+
 def requires(ring: KeyRing, scope: Scope) -> Callable[..., Awaitable[None]]:
     """A dependency that lets a request through only with a key allowing `scope`.
 
@@ -191,17 +220,9 @@ def requires(ring: KeyRing, scope: Scope) -> Callable[..., Awaitable[None]]:
     # A plain function of the request, not a `Security` sub-dependency: FastAPI's solving
     # of one cost about 10 µs a request, more than the check. The schema is declared apart.
     async def check(request: Request) -> None:
-        key = ring.find(_presented_key(request))
-        if key is None:
-            raise _invalid()
+        key = authorize(ring, request.headers.get("authorization"))
         request.scope[KEY_ID_KEY] = key.key_id
-        if scope not in key.allows:
-            raise AuthError(
-                403,
-                "insufficient_scope",
-                f"this API key does not have the {scope!r} scope",
-                f'Bearer realm="{REALM}", error="insufficient_scope", scope="{scope}"',
-            )
+        refuse_scope(key, scope)
 
     return check
 

@@ -40,23 +40,38 @@ def _message(error: dict[str, Any]) -> str:
     return msg
 
 
+def validation_body(exc: RequestValidationError) -> dict[str, Any]:
+    # The input and ctx of an error may be huge or not JSON (e.g. bytes): leave them out.
+    return {
+        "detail": [
+            {"loc": list(e.get("loc", ())), "msg": _message(e), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+    }
+
+
+def service_answer(exc: ServiceError) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+    """A service error's status, body and headers (Retry-After on a 503)."""
+    status = status_of(exc)
+    headers = {"Retry-After": "1"} if status == 503 else None
+    return status, error_body(list(exc.loc), exc.message, exc.code), headers
+
+
+def auth_answer(exc: AuthError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """A refused key's status, body and challenge."""
+    body = error_body(["header", "Authorization"], exc.message, exc.code)
+    return exc.status, body, {"WWW-Authenticate": exc.challenge}
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    # The input and ctx of an error may be huge or not JSON (e.g. bytes): leave them out.
-    detail = [
-        {"loc": list(e.get("loc", ())), "msg": _message(e), "type": e.get("type", "")}
-        for e in exc.errors()
-    ]
-    return JSONResponse({"detail": detail}, status_code=422)
+    return JSONResponse(validation_body(exc), status_code=422)
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    status = status_of(exc)
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return JSONResponse(
-        error_body(list(exc.loc), exc.message, exc.code), status_code=status, headers=headers
-    )
+    status, body, headers = service_answer(exc)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -70,11 +85,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _auth_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, AuthError)
-    return JSONResponse(
-        error_body(["header", "Authorization"], exc.message, exc.code),
-        status_code=exc.status,
-        headers={"WWW-Authenticate": exc.challenge},
-    )
+    status, body, headers = auth_answer(exc)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

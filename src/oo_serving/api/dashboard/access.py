@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from oo_serving.api.auth import REALM, KeyRing, bearer_token
-from oo_serving.api.observe import KEY_ID_KEY
+from oo_serving.api.scope_keys import KEY_ID_KEY
 
 SCOPE = "read"
 CHALLENGE = f'Basic realm="{REALM}", charset="UTF-8"'

@@ -17,7 +17,6 @@ import re
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-import oo_serving.api.routes  # noqa: F401  registers the "whole" path convertor used below
 from oo_serving.api.auth import KeyRing
 from oo_serving.api.dashboard import data, pages
 from oo_serving.api.dashboard.access import Refusal, refusal
