@@ -5,17 +5,25 @@ Everything runs on this machine, load generator included, on loopback only:
 1. HTTP load with wrk: POST /score (10 candidates, 1,000 users), POST /reward, GET /health,
    at concurrency 1, 16 and 64, with 1 and 2 workers, on SQLite and PostgreSQL, and the
    prototype (../shared/seed/seed_app.py, in its own venv under bench/.prototype) when it is
-   there; /score also with ours serving linucb-v2 on SQLite. Every cell runs every
-   contender in turn, after a warm-up, so drift hits all alike.
+   there. Ours runs with its default settings, the request log included: what an operator
+   gets. /score also with 2 workers on SQLite with one setting changed at a time (linucb-v2,
+   epsilon exploration 0.1, linucb-v2 as a shadow policy), judged against linucb-v1. Every
+   cell runs every contender in turn, after a warm-up, so drift hits all alike.
 2. Core micro-benchmarks: choosing among 10 and 100 candidates, one update; ours and the
    prototype's formula (a matrix inverse per call).
 3. Scale: stores pre-filled with 100,000 users (and 1,000,000 on SQLite): /score latency
    against 1,000 users, worker RSS after touching every user, bytes on disk per user.
 
 Options (environment): BENCH_SECONDS (default 5) per measurement, BENCH_WARMUP (2),
-BENCH_SCALE=0 to skip the scale section, OO_BENCH_POSTGRES_DSN (default: the tests' DSN),
+BENCH_SCALE=0 to skip the scale section, BENCH_TOUCH_MAX_S (1800) the longest run that
+touches every user of a scale store, OO_BENCH_POSTGRES_DSN (default: the tests' DSN),
 BENCH_BASELINE=<git revision> to add that revision of ours on SQLite as a "before"
 contender for /score and /reward (checked out under bench/.baseline).
+
+BENCH_QUICK=1, for iterating on the hot path: 2 workers, /score and /reward at c=16 and 64,
+ours on SQLite and PostgreSQL and the prototype (the policy variants too with
+BENCH_VARIANTS=1), no micro-benchmarks, no scale; prints the ratios and the targets, and
+writes bench/results/quick.md instead of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -47,9 +55,10 @@ import numpy as np
 import psycopg
 import pydantic
 import uvicorn
-from report import render  # bench/, the script's folder, is on sys.path
+from report import VARIANTS, render, summary  # bench/, the script's folder, is on sys.path
 
 from oo_serving.core import linucb
+from oo_serving.core.linucb_v1 import LinUCBV1
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -58,16 +67,22 @@ SEED = ROOT.parent / "shared" / "seed" / "seed_app.py"
 PROTO_VENV = BENCH / ".prototype"
 OURS = ROOT / ".venv" / "bin" / "oo-serving"
 DOC = ROOT / "docs" / "benchmarks.md"
+RESULTS = BENCH / "results"
 
+QUICK = os.environ.get("BENCH_QUICK", "0") == "1"
 SECONDS = float(os.environ.get("BENCH_SECONDS", "5"))
 WARMUP = float(os.environ.get("BENCH_WARMUP", "2"))
-SCALE = os.environ.get("BENCH_SCALE", "1") != "0"
+SCALE = not QUICK and os.environ.get("BENCH_SCALE", "1") != "0"
+TOUCH_MAX_S = float(os.environ.get("BENCH_TOUCH_MAX_S", "1800"))
 BASELINE = os.environ.get("BENCH_BASELINE", "")  # a git revision of ours to measure as "before"
 PG_DSN = os.environ.get("OO_BENCH_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
-CONCURRENCY = (1, 16, 64)
-WORKERS = (1, 2)
-ENDPOINTS = ("score", "reward", "health")
-V2 = "sqlite-v2"  # ours on SQLite serving linucb-v2: measured on /score only, next to linucb-v1
+CONCURRENCY = (16, 64) if QUICK else (1, 16, 64)
+WORKERS = (2,) if QUICK else (1, 2)
+ENDPOINTS = ("score", "reward") if QUICK else ("score", "reward", "health")
+# Ours on SQLite with one setting changed from the defaults: /score only, with 2 workers,
+# in the same cells as linucb-v1 (the "sqlite" contender), which they are judged against.
+WITH_VARIANTS = os.environ.get("BENCH_VARIANTS", "0" if QUICK else "1") == "1"
+VARIANT_WORKERS = 2
 
 
 def log(msg: str) -> None:
@@ -165,10 +180,13 @@ class Server:
 
     def start(self) -> Server:
         cmd = [c.replace("{port}", str(self.port)) for c in self.cmd]
+        # No OO_* setting leaks in from the caller's environment: ours runs on its defaults
+        # and on what `env` names, nothing else.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("OO_")}
         self.proc = subprocess.Popen(
             cmd,
             cwd=self.cwd,
-            env={**os.environ, **self.env},
+            env={**inherited, **self.env},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -216,12 +234,13 @@ def _rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def ours(name: str, database: str, workers: int, policy: str | None = None) -> Server:
-    policy_env = {"OO_POLICY": policy} if policy else {}
+def ours(name: str, database: str, workers: int, settings: dict[str, str] | None = None) -> Server:
+    """Ours with its default settings (the request log on, to stderr, which is discarded)
+    but for `settings` (OO_* variables)."""
     return Server(
         name,
         [str(OURS), "serve", "--port", "{port}", "--workers", str(workers), "--database", database],
-        env={"OO_ACCESS_LOG": "false", "OO_LOG_LEVEL": "warning", **policy_env},
+        env=dict(settings or {}),
     )
 
 
@@ -235,11 +254,13 @@ def baseline(revision: str, database: str, workers: int) -> Server:
         "before",
         [str(ROOT / ".venv" / "bin" / "python"), "-m", "oo_serving", "serve", "--port", "{port}",
          "--workers", str(workers), "--database", database],
-        env={"PYTHONPATH": str(tree / "src"), "OO_ACCESS_LOG": "false", "OO_LOG_LEVEL": "warning"},
+        env={"PYTHONPATH": str(tree / "src")},
     )  # fmt: skip
 
 
 def prototype(python: Path, state_dir: Path, workers: int) -> Server:
+    """The prototype without uvicorn's access log (a plain `uvicorn` run has it on): that
+    spares it a log line per request that ours writes, so ratios to it err in its favour."""
     return Server(
         "prototype",
         [str(python), "-m", "uvicorn", "seed_app:app", "--port", "{port}",
@@ -252,6 +273,7 @@ def prototype(python: Path, state_dir: Path, workers: int) -> Server:
 # ── load ─────────────────────────────────────────────────────────────────────
 @dataclass(frozen=True)
 class Result:
+    requests: int
     rps: float
     p50_ms: float
     p99_ms: float
@@ -284,6 +306,7 @@ def wrk(url: str, endpoint: str, connections: int, seconds: float, users: int = 
         raise RuntimeError(f"wrk printed no result:\n{out}")
     v = {k: int(x) for k, x in (kv.split("=") for kv in m.group(1).split())}
     return Result(
+        requests=v["requests"],
         rps=v["requests"] / (v["duration_us"] / 1e6),
         p50_ms=v["p50_us"] / 1000,
         p99_ms=v["p99_us"] / 1000,
@@ -346,28 +369,47 @@ def micro() -> dict[str, float]:
 
 
 # ── scale ────────────────────────────────────────────────────────────────────
+def initial_model() -> tuple[str, bytes, int]:
+    """A new user's linucb-v1 model as the store keeps it: policy, state, state version."""
+    policy = LinUCBV1()
+    return policy.name, policy.encode(policy.initial_state()), policy.state_version
+
+
+MODEL_COLUMNS = (
+    "user_id, policy, state, state_version, pulls, reward_count, cumulative_reward, last_updated_ms"
+)
+
+
 def prefill_sqlite(path: Path, users: int) -> None:
     run([str(OURS), "migrate", "--database", f"sqlite:///{path}"])
-    a_inv, b = np.identity(5).tobytes(), np.zeros(5).tobytes()
+    name, state, version = initial_model()
     with sqlite3.connect(path) as conn:
         conn.executemany(
-            "INSERT INTO user_model VALUES (?, 'linucb-v1', ?, ?, 0, 0, 0.0, 0)",
-            ((f"user-{i}", a_inv, b) for i in range(users)),
+            f"INSERT INTO user_model ({MODEL_COLUMNS}) VALUES (?, ?, ?, ?, 0, 0, 0.0, 0)",
+            ((f"user-{i}", name, state, version) for i in range(users)),
         )
 
 
 def prefill_postgres(url: str, users: int) -> None:
     run([str(OURS), "migrate", "--database", url])
-    a_inv, b = np.identity(5).tobytes(), np.zeros(5).tobytes()
+    name, state, version = initial_model()
     with (
         psycopg.connect(url) as conn,
-        conn.cursor().copy(
-            "COPY user_model (user_id, policy, a_inv, b, pulls, reward_count, cumulative_reward,"
-            " last_updated_ms) FROM STDIN"
-        ) as copy,
+        conn.cursor().copy(f"COPY user_model ({MODEL_COLUMNS}) FROM STDIN") as copy,
     ):
         for i in range(users):
-            copy.write_row((f"user-{i}", "linucb-v1", a_inv, b, 0, 0, 0.0, 0))
+            copy.write_row((f"user-{i}", name, state, version, 0, 0, 0.0, 0))
+
+
+def users_touched(database: str) -> int:
+    """Users whose model has served at least one /score (each /score counts a pull)."""
+    query = "SELECT count(*) FROM user_model WHERE pulls > 0"
+    if database.startswith("sqlite:///"):
+        with sqlite3.connect(database.removeprefix("sqlite:///")) as conn:
+            return int(conn.execute(query).fetchone()[0])
+    with psycopg.connect(database) as pg:
+        row = pg.execute(query).fetchone()
+        return int(row[0]) if row else 0
 
 
 def bytes_on_disk(path: Path) -> int:
@@ -396,31 +438,42 @@ def decision_bytes() -> float:
     return size / n
 
 
-def scale(database: str, users: int, touch_all: bool) -> dict[str, Any]:
-    """/score p50 at 1,000 and at `users` users, alternating, on a pre-filled store; RSS."""
+def scale(database: str, users: int) -> dict[str, Any]:
+    """/score p50 at 1,000 and at `users` users, alternating, on a pre-filled store; the
+    workers' RSS after the first 1,000-user run and after a run that touches every user."""
     server = ours("scale", database, 2).start()
     try:
-        small, large = [], []
-        for _ in range(2):
-            small.append(measure(server, "score", 16, users=1000))
-            large.append(measure(server, "score", 16, users=users))
-        rss_small = sum(server.worker_rss_mb())
+        small, large = [measure(server, "score", 16, users=1000)], []
+        rss_1k = sum(server.worker_rss_mb())
+        large.append(measure(server, "score", 16, users=users))
+        small.append(measure(server, "score", 16, users=1000))
+        large.append(measure(server, "score", 16, users=users))
         result: dict[str, Any] = {
+            "users": users,
             "p50_1k": statistics.median(r.p50_ms for r in small),
             "p50_many": statistics.median(r.p50_ms for r in large),
             "rps_1k": statistics.median(r.rps for r in small),
             "rps_many": statistics.median(r.rps for r in large),
             "errors": sum(r.non2xx + r.socket_errors for r in small + large),
         }
-        if touch_all:
-            seconds = 1.3 * users / max(result["rps_many"], 1.0)
-            wrk(server.url, "score", 16, seconds, users=users)
-            result["rss_1k_mb"] = rss_small
-            result["rss_all_mb"] = sum(server.worker_rss_mb())
-            result["touch_seconds"] = seconds
+        touch = touch_every_user(server, users)
+        result["errors"] += touch.non2xx + touch.socket_errors
+        result["touched"] = users_touched(database)
+        result["rss_1k_mb"] = rss_1k
+        result["rss_all_mb"] = sum(server.worker_rss_mb())
         return result
     finally:
         server.stop()
+
+
+def touch_every_user(server: Server, users: int) -> Result:
+    """One /score run at c=64 long enough to reach each of `users` once: its length comes
+    from the rate of a short run just before, with a quarter to spare, and is bounded by
+    BENCH_TOUCH_MAX_S (the report says how many users were reached)."""
+    probe = wrk(server.url, "score", 64, SECONDS, users=users)
+    seconds = min(TOUCH_MAX_S, 1.25 * users / max(probe.rps, 1.0))
+    log(f"scale: touching {users:,} users, {seconds:.0f} s")
+    return wrk(server.url, "score", 64, seconds, users=users)
 
 
 # ── the report ───────────────────────────────────────────────────────────────
@@ -458,27 +511,45 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Linux {platform.release()}"
 
 
+def contenders(
+    workers: int, tmp: str, pg_url: str | None, proto_python: Path | None
+) -> list[Server]:
+    servers = [ours("sqlite", f"sqlite:///{tmp}/w{workers}.db", workers)]
+    if WITH_VARIANTS and workers == VARIANT_WORKERS:
+        servers += [
+            ours(name, f"sqlite:///{tmp}/w{workers}-{name}.db", workers, settings)
+            for name, (_, settings) in VARIANTS.items()
+        ]
+    if pg_url:
+        servers.append(ours("postgres", pg_url, workers))
+    if proto_python:
+        servers.append(prototype(proto_python, Path(tmp) / f"proto{workers}", workers))
+    if BASELINE:
+        servers.append(baseline(BASELINE, f"sqlite:///{tmp}/before{workers}.db", workers))
+    return servers
+
+
+def measures(name: str, endpoint: str) -> bool:
+    """Whether a contender takes part in an endpoint's cells."""
+    if name in VARIANTS:
+        return endpoint == "score"
+    return not (name == "before" and endpoint == "health")
+
+
 def main() -> None:
     started = time.time()
     ensure_wrk()
     proto_python = ensure_prototype()
     pg_admin = postgres_admin()
     cells: dict[tuple[str, str, int, int], Result] = {}  # (contender, endpoint, workers, c)
-    log("core micro-benchmarks, before any load")
-    micro_results = micro()
+    micro_results: dict[str, float] = {}
+    if not QUICK:
+        log("core micro-benchmarks, before any load")
+        micro_results = micro()
 
     with tempfile.TemporaryDirectory() as tmp, maybe_postgres(pg_admin) as pg_url:
         for workers in WORKERS:
-            servers = [
-                ours("sqlite", f"sqlite:///{tmp}/w{workers}.db", workers),
-                ours(V2, f"sqlite:///{tmp}/w{workers}-v2.db", workers, policy="linucb-v2"),
-            ]
-            if pg_url:
-                servers.append(ours("postgres", pg_url, workers))
-            if proto_python:
-                servers.append(prototype(proto_python, Path(tmp) / f"proto{workers}", workers))
-            if BASELINE:
-                servers.append(baseline(BASELINE, f"sqlite:///{tmp}/before{workers}.db", workers))
+            servers = contenders(workers, tmp, pg_url, proto_python)
             for s in servers:
                 s.start()
             try:
@@ -487,11 +558,9 @@ def main() -> None:
                         turn = (c + workers) % len(servers)  # who goes first rotates
                         order = servers[turn:] + servers[:turn]
                         for s in order:
-                            if s.name == "before" and endpoint == "health":
+                            if not measures(s.name, endpoint):
                                 continue
-                            if s.name == V2 and endpoint != "score":
-                                continue
-                            log(f"{s.name:9} {endpoint:6} workers={workers} c={c}")
+                            log(f"{s.name:14} {endpoint:6} workers={workers} c={c}")
                             cells[(s.name, endpoint, workers, c)] = measure(s, endpoint, c)
             finally:
                 for s in servers:
@@ -507,19 +576,16 @@ def main() -> None:
                 log(f"scale: SQLite, {n:,} users")
                 prefill_sqlite(db, n)
                 per_user["model"] = bytes_on_disk(db) / n
-                scale_results[f"SQLite, {n:,} users"] = scale(
-                    f"sqlite:///{db}", n, touch_all=n <= 100_000
-                )
+                scale_results[f"SQLite, {n:,} users"] = scale(f"sqlite:///{db}", n)
             if pg_admin:
                 with postgres_database(pg_admin) as url:
                     log("scale: PostgreSQL, 100,000 users")
                     prefill_postgres(url, 100_000)
-                    scale_results["PostgreSQL, 100,000 users"] = scale(url, 100_000, touch_all=True)
+                    scale_results["PostgreSQL, 100,000 users"] = scale(url, 100_000)
 
     if BASELINE:
         run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(BENCH / ".baseline")])
     write_report(cells, micro_results, scale_results, per_user, time.time() - started)
-    log(f"wrote {DOC.relative_to(ROOT)}")
 
 
 def write_report(
@@ -529,26 +595,30 @@ def write_report(
     per_user: dict[str, float],
     elapsed: float,
 ) -> None:
-
-    DOC.write_text(
-        render(
-            machine=machine(),
-            versions=versions(),
-            seconds=SECONDS,
-            warmup=WARMUP,
-            cells={k: v.__dict__ for k, v in cells.items()},
-            baseline=BASELINE,
-            micro=micro_results,
-            scale=scale_results,
-            per_user=per_user,
-            elapsed=elapsed,
-        )
+    """docs/benchmarks.md and bench/results/latest.json; in quick mode bench/results/quick.*
+    and a summary on stdout instead."""
+    plain = {k: v.__dict__ for k, v in cells.items()}
+    text = render(
+        machine=machine(),
+        versions=versions(),
+        seconds=SECONDS,
+        warmup=WARMUP,
+        cells=plain,
+        baseline=BASELINE,
+        micro=micro_results,
+        scale=scale_results,
+        per_user=per_user,
+        elapsed=elapsed,
+        quick=QUICK,
     )
-    raw = BENCH / "results" / "latest.json"
-    raw.parent.mkdir(exist_ok=True)
-    raw.write_text(
-        json.dumps({"|".join(map(str, k)): v.__dict__ for k, v in cells.items()}, indent=1)
-    )
+    RESULTS.mkdir(exist_ok=True)
+    doc = RESULTS / "quick.md" if QUICK else DOC
+    doc.write_text(text)
+    raw = RESULTS / ("quick.json" if QUICK else "latest.json")
+    raw.write_text(json.dumps({"|".join(map(str, k)): v for k, v in plain.items()}, indent=1))
+    if QUICK:
+        print(summary(plain, micro_results, scale_results), flush=True)
+    log(f"wrote {doc.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
