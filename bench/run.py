@@ -33,8 +33,6 @@ import os
 import platform
 import re
 import shutil
-import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -45,12 +43,11 @@ import timeit
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import fastapi
-import httpx
 import numpy as np
 import psycopg
 import pydantic
@@ -59,6 +56,7 @@ from report import VARIANTS, render, summary  # bench/, the script's folder, is 
 
 from oo_serving.core import linucb
 from oo_serving.core.linucb_v1 import LinUCBV1
+from oo_serving.harness import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -91,12 +89,6 @@ def log(msg: str) -> None:
 
 def run(cmd: list[str], **kwargs: Any) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, **kwargs).stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ── set-up ───────────────────────────────────────────────────────────────────
@@ -165,83 +157,29 @@ def maybe_postgres(admin: str | None) -> Iterator[str | None]:
 
 
 # ── servers ──────────────────────────────────────────────────────────────────
-@dataclass
-class Server:
-    name: str
-    cmd: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: Path | None = None
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> Server:
-        cmd = [c.replace("{port}", str(self.port)) for c in self.cmd]
-        # No OO_* setting leaks in from the caller's environment: ours runs on its defaults
-        # and on what `env` names, nothing else.
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("OO_")}
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=self.cwd,
-            env={**inherited, **self.env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with suppress(httpx.TransportError):
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not start")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-
-    def worker_rss_mb(self) -> list[float]:
-        """RSS of each process serving requests (the workers; with one, the server)."""
-        assert self.proc is not None
-        pids = [self.proc.pid]
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        with suppress(OSError):
-            kids = [int(p) for p in children.read_text().split()]
-            # uvicorn --workers N: a supervisor, and N workers (plus a resource tracker).
-            workers = [p for p in kids if "multiprocessing.resource_tracker" not in _cmdline(p)]
-            pids = workers or pids
-        return [_rss_mb(p) for p in pids]
-
-
-def _cmdline(pid: int) -> str:
-    with suppress(OSError):
-        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
-    return ""
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+# Every server runs with its output discarded and no OO_* setting leaked in from the
+# caller's environment: ours runs on its defaults and on what `env` names, nothing else.
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 20.0
 
 
 def ours(name: str, database: str, workers: int, settings: dict[str, str] | None = None) -> Server:
     """Ours with its default settings (the request log on, to stderr, which is discarded)
     but for `settings` (OO_* variables)."""
+    return Server.ours(
+        database, workers, env=settings, access_log=None, name=name, inherit_settings=False,
+        startup_timeout_s=START_TIMEOUT_S, stop_timeout_s=STOP_TIMEOUT_S,
+    )  # fmt: skip
+
+
+def command(
+    name: str, cmd: list[str], env: dict[str, str], workers: int, cwd: Path | None = None
+) -> Server:
+    """Another server than ours, `{port}` in `cmd` for its port."""
     return Server(
-        name,
-        [str(OURS), "serve", "--port", "{port}", "--workers", str(workers), "--database", database],
-        env=dict(settings or {}),
-    )
+        cmd, name=name, env=env, cwd=cwd, workers=workers, inherit_settings=False,
+        startup_timeout_s=START_TIMEOUT_S, stop_timeout_s=STOP_TIMEOUT_S,
+    )  # fmt: skip
 
 
 def baseline(revision: str, database: str, workers: int) -> Server:
@@ -250,22 +188,24 @@ def baseline(revision: str, database: str, workers: int) -> Server:
     if tree.exists():
         run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)])
     run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), revision])
-    return Server(
+    return command(
         "before",
         [str(ROOT / ".venv" / "bin" / "python"), "-m", "oo_serving", "serve", "--port", "{port}",
          "--workers", str(workers), "--database", database],
-        env={"PYTHONPATH": str(tree / "src")},
+        {"PYTHONPATH": str(tree / "src")},
+        workers,
     )  # fmt: skip
 
 
 def prototype(python: Path, state_dir: Path, workers: int) -> Server:
     """The prototype without uvicorn's access log (a plain `uvicorn` run has it on): that
     spares it a log line per request that ours writes, so ratios to it err in its favour."""
-    return Server(
+    return command(
         "prototype",
         [str(python), "-m", "uvicorn", "seed_app:app", "--port", "{port}",
          "--workers", str(workers), "--no-access-log", "--log-level", "warning"],
-        env={"STATE_DIR": str(state_dir)},
+        {"STATE_DIR": str(state_dir)},
+        workers,
         cwd=SEED.parent,
     )  # fmt: skip
 
@@ -317,8 +257,8 @@ def wrk(url: str, endpoint: str, connections: int, seconds: float, users: int = 
 
 
 def measure(server: Server, endpoint: str, connections: int, users: int = 1000) -> Result:
-    wrk(server.url, endpoint, connections, WARMUP, users)
-    return wrk(server.url, endpoint, connections, SECONDS, users)
+    wrk(server.base_url, endpoint, connections, WARMUP, users)
+    return wrk(server.base_url, endpoint, connections, SECONDS, users)
 
 
 # ── micro-benchmarks ─────────────────────────────────────────────────────────
@@ -425,7 +365,7 @@ def decision_bytes() -> float:
     db = folder / "d.db"
     server = ours("sqlite", f"sqlite:///{db}", 1).start()
     try:
-        wrk(server.url, "score", 16, 3, users=50)
+        wrk(server.base_url, "score", 16, 3, users=50)
     finally:
         server.stop()
     with sqlite3.connect(db) as conn:
@@ -470,10 +410,10 @@ def touch_every_user(server: Server, users: int) -> Result:
     """One /score run at c=64 long enough to reach each of `users` once: its length comes
     from the rate of a short run just before, with a quarter to spare, and is bounded by
     BENCH_TOUCH_MAX_S (the report says how many users were reached)."""
-    probe = wrk(server.url, "score", 64, SECONDS, users=users)
+    probe = wrk(server.base_url, "score", 64, SECONDS, users=users)
     seconds = min(TOUCH_MAX_S, 1.25 * users / max(probe.rps, 1.0))
     log(f"scale: touching {users:,} users, {seconds:.0f} s")
-    return wrk(server.url, "score", 64, seconds, users=users)
+    return wrk(server.base_url, "score", 64, seconds, users=users)
 
 
 # ── the report ───────────────────────────────────────────────────────────────

@@ -9,15 +9,9 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,7 +19,9 @@ import httpx
 import psycopg
 import pytest
 
-STARTUP_TIMEOUT_S = 30.0
+from oo_serving import harness
+from oo_serving.harness import free_port
+
 ALONE = "alone"
 DEFAULT_POSTGRES_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -153,78 +149,29 @@ def fresh_postgres_url(postgres_admin_dsn: str) -> Iterator[str]:
         yield url
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class Server(harness.Server):
+    """One `oo-serving serve` process group (the parent and its workers) on the SQLite
+    file at `db_path`, or on the database `url` instead; its output appended to `log_path`,
+    the line per request off unless `env` turns it on."""
 
-
-@dataclass
-class Server:
-    """One `oo-serving serve` process group (the parent and its workers)."""
-
-    db_path: Path
-    port: int
-    workers: int
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-    url: str | None = None  # a database URL instead of the SQLite file at db_path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def database_url(self) -> str:
-        return self.url or f"sqlite:///{self.db_path}"
-
-    def start(self) -> Server:
-        cmd = [
-            sys.executable, "-m", "oo_serving", "serve",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--workers", str(self.workers), "--database", self.database_url,
-        ]  # fmt: skip
-        env = {**os.environ, "OO_ACCESS_LOG": "false", **self.env}
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    def __init__(
+        self,
+        db_path: Path,
+        port: int,
+        workers: int,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        url: str | None = None,
+    ) -> None:
+        self.db_path = db_path
+        self.database_url = url or f"sqlite:///{db_path}"
+        super().__init__(
+            harness.serve_command(self.database_url, workers),
+            env={"OO_ACCESS_LOG": "false", **(env or {})},
+            port=port,
+            workers=workers,
+            log_path=log_path,
         )
-        log.close()
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited at start-up:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1.0).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"server did not answer /health in {STARTUP_TIMEOUT_S}s:\n{self.log()}")
-
-    def kill9(self) -> None:
-        """SIGKILL to the whole process group: no shutdown code runs."""
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def client(self, timeout: float = 30.0) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=timeout)
 
 
 @pytest.fixture

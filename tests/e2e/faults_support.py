@@ -63,37 +63,10 @@ def describe(r: httpx.Response) -> str:
 
 
 # ── processes ────────────────────────────────────────────────────────────────
-def children(pid: int) -> list[int]:
-    """The child processes of `pid`, from /proc."""
-    found: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return found
-    for task in tasks:
-        try:
-            found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return found
-
-
 def worker_pids(server: Server) -> list[int]:
     """The processes that serve requests: the workers (multiprocessing children, not the
     resource tracker), or the server process itself when it has one worker."""
-    assert server.proc is not None
-    if server.workers == 1:
-        return [server.proc.pid]
-    pids = []
-    for pid in children(server.proc.pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            state = process_state(pid)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if b"spawn_main" in cmdline and state not in ("Z", "X"):
-            pids.append(pid)
-    return sorted(pids)
+    return server.worker_pids()
 
 
 def process_state(pid: int) -> str:
