@@ -41,7 +41,7 @@ lock: install
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build src/*.egg-info
 
-# Measure against the prototype and write docs/benchmarks.md (about half an hour; never part of test).
+# Measure against the prototype and write docs/benchmarks.md (about 20 minutes; never part of test).
 bench: install
 	$(BIN)/python bench/run.py
 

@@ -192,7 +192,8 @@ class RequestLog:
     With the service's own JSON handler in place (`log_config`, the default), an INFO line
     is built with one orjson call and the lines of one event-loop turn are written to the
     handler's stream together, instead of each going through a LogRecord, the handler's
-    lock, its filter and its formatter: measured in-process, 3 µs a line instead of 20.
+    lock, its filter and its formatter: measured in-process (bench/layers.py), 3 µs a line
+    instead of 8, the line written once per loop turn rather than once per request.
     The line is the one JsonFormatter writes. Any other set-up (text format, handlers of
     an embedding application, a level that drops INFO), and every ERROR line, go through
     `logging` as any record.

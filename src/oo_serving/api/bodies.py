@@ -16,7 +16,7 @@ checks, on generated bodies, that whatever the fast decoder accepts the strict o
 with the same values.
 
 Measured for 10 candidates, to the service's arguments (bench/layers.py, side by side):
-10 µs fast, 29 µs strict.
+about 11 µs fast, 33 µs strict.
 """
 
 from __future__ import annotations
