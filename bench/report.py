@@ -401,7 +401,8 @@ def render(
         " `/health`: a plain GET.",
         "- Contenders in one cell run one after the other, the first rotating from cell to cell;"
         " all servers of a worker count are up at once, idle while another is measured.",
-        "- Ours: `.venv/bin/oo-serving serve --workers N --database URL` with its default"
+        "- Ours: `.venv/bin/python -m oo_serving serve --host 127.0.0.1 --workers N --database"
+        " URL`, started and stopped by `oo_serving.harness`, with its default"
         " settings and no other `OO_*` variable: the request log on (one JSON line per request"
         " on stderr, which the bench discards), SQLite with `synchronous=FULL`. The policy"
         " variants change one setting each (their table says which).",

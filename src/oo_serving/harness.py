@@ -174,7 +174,8 @@ class Server:
             if code is not None:
                 raise StartError(f"{self.name} exited at start-up ({code}){self._tail()}")
             try:
-                if httpx.get(self.url("/health"), timeout=1.0).status_code == 200:
+                # trust_env=False: the server is on loopback; a proxy setting must not apply.
+                if httpx.get(self.url("/health"), timeout=1.0, trust_env=False).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -218,7 +219,7 @@ class Server:
 
     def client(self, timeout: float = 30.0) -> httpx.Client:
         """An HTTP client for this server (close it, or use it in a `with`)."""
-        return httpx.Client(base_url=self.base_url, timeout=timeout)
+        return httpx.Client(base_url=self.base_url, timeout=timeout, trust_env=False)
 
     def worker_pids(self) -> list[int]:
         """The processes that serve requests: the command's process with one worker; with
