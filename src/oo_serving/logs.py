@@ -206,22 +206,24 @@ class RequestLog:
         self._lines: list[str] = []
 
     def __call__(self, level: int, fields: dict[str, Any]) -> None:
-        if level == logging.INFO and self._fast_stream() is not None:
-            if not self._logger.isEnabledFor(level):
-                return
-            entry = {"ts": _utc(time.time()), "level": "info", "logger": REQUEST_LOGGER}
-            entry["msg"] = "request"
-            entry.update(fields)
-            if not self._lines:
-                try:
-                    asyncio.get_running_loop().call_soon(self.flush)
-                except RuntimeError:  # no loop: write at once
-                    self._lines.append(orjson.dumps(entry).decode())
-                    self.flush()
-                    return
-            self._lines.append(orjson.dumps(entry).decode())
+        if level != logging.INFO or self._fast_stream() is None:
+            self._logger.log(level, "request", extra={"fields": fields})
             return
-        self._logger.log(level, "request", extra={"fields": fields})
+        if not self._logger.isEnabledFor(level):
+            return
+        entry = {
+            "ts": _utc(time.time()),
+            "level": "info",
+            "logger": REQUEST_LOGGER,
+            "msg": "request",
+        }
+        entry.update(fields)
+        self._lines.append(orjson.dumps(entry).decode())
+        if len(self._lines) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop: write at once
+                self.flush()
 
     def flush(self) -> None:
         lines, self._lines = self._lines, []

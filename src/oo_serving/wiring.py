@@ -63,16 +63,16 @@ def service_of(settings: Settings, store: Store) -> Service:
 
 
 @contextlib.asynccontextmanager
-async def background(service: Service, settings: Settings, *, sweep: bool) -> AsyncIterator[None]:
+async def background(service: Service, settings: Settings) -> AsyncIterator[None]:
     """What runs beside the requests: the population's prior kept fresh (read before the
-    first request, so that a new user's very first /score uses it) and, with `sweep`,
-    the sweep of default rewards. Stopped on exit, the population's last sums flushed."""
+    first request, so that a new user's very first /score uses it) and the sweep of
+    default rewards. Stopped on exit, the population's last sums flushed."""
     population = service.population
     tasks: list[asyncio.Task[None]] = []
     if population.names:
         await population.refresh()
         tasks.append(asyncio.create_task(population.run(settings.population_refresh_s)))
-    if sweep and settings.sweep_interval_s > 0:
+    if settings.sweep_interval_s > 0:
         tasks.append(
             asyncio.create_task(
                 sweep_mod.run(

@@ -38,6 +38,7 @@ from oo_serving.store.base import (
     DecisionRef,
     Replay,
     RewardWrite,
+    ScoreFn,
     ScoreWrite,
     Store,
     UserRecord,
@@ -293,8 +294,22 @@ def export_all(store: Store, user_id: str) -> tuple[UserRecord | None, list[Deci
     return run(read())
 
 
-def make_write(user_id: str, seq: int) -> ScoreWrite:
-    return ScoreWrite(make_user(user_id, pulls=seq), make_decision(user_id, seq, f"e{seq}"), 1)
+def make_write(
+    user_id: str, seq: int, event_id: str | None = None, keep_from_seq: int = 1
+) -> ScoreWrite:
+    """A /score write: the user at `seq` pulls, its decision at `seq`."""
+    decision = make_decision(user_id, seq, event_id or f"e{seq}")
+    return ScoreWrite(make_user(user_id, pulls=seq), decision, keep_from_seq)
+
+
+def next_pull(user_id: str, event_id: str, keep: int = 1000) -> ScoreFn:
+    """A score function as the service's: the user's next pull, keeping `keep` decisions."""
+
+    def fn(row: UserRecord | None, _replay: Replay | None) -> ScoreWrite:
+        seq = (row.pulls if row else 0) + 1
+        return make_write(user_id, seq, event_id, keep_from_seq=seq - keep + 1)
+
+    return fn
 
 
 def f64(*values: float) -> np.ndarray:

@@ -12,22 +12,16 @@ import uuid
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
-import numpy as np
 import psycopg
 import pytest
 from tests.e2e.pgproxy import CuttableProxy
+from tests.store.support import make_write, next_pull
 
-from oo_serving.core.features import D
-from oo_serving.core.linucb import LinUCBState
-from oo_serving.core.registry import DEFAULTS
 from oo_serving.errors import StoreUnavailable, Unavailable
 from oo_serving.settings import Settings
-from oo_serving.store.base import DecisionRecord, Replay, ScoreFn, ScoreWrite, UserRecord
+from oo_serving.store.base import Replay, ScoreWrite, UserRecord
 from oo_serving.store.factory import open_store
 from oo_serving.store.postgres import PostgresStore
-
-V1 = DEFAULTS["linucb-v1"]
-STATE = V1.encode(LinUCBState(A_inv=np.identity(D), b=np.zeros(D)))
 
 
 class Boom(Exception):
@@ -51,49 +45,6 @@ def postgres_store(url: str) -> PostgresStore:
     store = open_store(Settings(database_url=url))
     assert isinstance(store, PostgresStore)
     return store
-
-
-def next_write(user_id: str, user: UserRecord | None, event_id: str) -> ScoreWrite:
-    """The write a /score makes: one more pull, the decision at seq = pulls, nothing pruned."""
-    seq = (user.pulls if user else 0) + 1
-    x = np.full(D, 0.5)
-    record = UserRecord(
-        user_id=user_id,
-        policy="linucb-v1",
-        state=STATE,
-        state_version=1,
-        pulls=seq,
-        reward_count=0,
-        cumulative_reward=0.0,
-        last_updated_ms=seq,
-    )
-    decision = DecisionRecord(
-        user_id=user_id,
-        seq=seq,
-        event_id=event_id,
-        ts_ms=seq,
-        tip_id="tip-a",
-        features={"hour_of_day": 9},
-        x=x,
-        score=0.5,
-        policy="linucb-v1",
-        propensity=1.0,
-        model_version=0,
-        candidate_ids=("tip-a", "tip-b"),
-        candidate_X=np.stack([x, -x]),
-        candidate_features=None,
-        context={},
-    )
-    return ScoreWrite(record, decision, keep_from_seq=1)
-
-
-def bump(user_id: str, event_id: str | None = None) -> ScoreFn:
-    event = event_id or uuid.uuid4().hex
-
-    def fn(user: UserRecord | None, _replay: Replay | None) -> ScoreWrite:
-        return next_write(user_id, user, event)
-
-    return fn
 
 
 def decisions(url: str) -> dict[str, list[tuple[int, str]]]:
@@ -143,7 +94,9 @@ def test_concurrent_writes_of_distinct_and_repeated_users_count_exactly(pg_url: 
 
     async def scenario(stores: list[PostgresStore]) -> None:
         store = stores[0]
-        writes = [store.score_tx(u, bump(u, events[u][k])) for k in range(per_user) for u in users]
+        writes = [
+            store.score_tx(u, next_pull(u, events[u][k])) for k in range(per_user) for u in users
+        ]
         acked.extend(await asyncio.gather(*writes))
         assert store._turns == {}  # the per-user queues emptied
         assert not store._queue
@@ -169,9 +122,12 @@ def test_a_write_whose_function_raises_fails_alone_in_its_batch(pg_url: str) -> 
 
     async def scenario(stores: list[PostgresStore]) -> None:
         store = stores[0]
-        await store.score_tx(old, bump(old, "old-1"))
+        await store.score_tx(old, next_pull(old, "old-1"))
         outcomes = await asyncio.gather(
-            *(store.score_tx(u, boom if u in (old, new) else bump(u)) for u in users),
+            *(
+                store.score_tx(u, boom if u in (old, new) else next_pull(u, uuid.uuid4().hex))
+                for u in users
+            ),
             return_exceptions=True,
         )
         for u, outcome in zip(users, outcomes, strict=True):
@@ -198,14 +154,17 @@ def test_a_write_the_database_refuses_fails_alone_and_the_rest_of_its_batch_is_s
     clasher = "c5"
 
     def clash(user: UserRecord | None, _replay: Replay | None) -> ScoreWrite:
-        write = next_write(clasher, user, "clash")
-        return ScoreWrite(write.user, next_write(clasher, None, "clash").decision, 1)  # seq 1
+        write = next_pull(clasher, "clash")(user, None)
+        return ScoreWrite(write.user, make_write(clasher, 1, "clash").decision, 1)  # seq 1
 
     async def scenario(stores: list[PostgresStore]) -> None:
         store = stores[0]
-        await store.score_tx(clasher, bump(clasher, "first"))
+        await store.score_tx(clasher, next_pull(clasher, "first"))
         outcomes = await asyncio.gather(
-            *(store.score_tx(u, clash if u == clasher else bump(u)) for u in users),
+            *(
+                store.score_tx(u, clash if u == clasher else next_pull(u, uuid.uuid4().hex))
+                for u in users
+            ),
             return_exceptions=True,
         )
         for u, outcome in zip(users, outcomes, strict=True):
@@ -229,7 +188,7 @@ def test_two_replicas_writing_the_same_users_lose_no_update(pg_url: str) -> None
 
     async def scenario(stores: list[PostgresStore]) -> None:
         writes = [
-            store.score_tx(u, bump(u))
+            store.score_tx(u, next_pull(u, uuid.uuid4().hex))
             for k in range(per_store)
             for store in stores
             for u in [users[(k * 5 + stores.index(store)) % len(users)]]
@@ -267,20 +226,25 @@ def test_a_connection_cut_between_a_batchs_round_trips_acknowledges_nothing_unst
 
     def cut_then_write(user: UserRecord | None, _replay: Replay | None) -> ScoreWrite:
         proxy.cut()  # after the first round trip, before the second
-        return next_write(cutter, user, "cut")
+        return next_pull(cutter, "cut")(user, None)
 
     async def scenario(stores: list[PostgresStore]) -> None:
         store = stores[0]
         for u in users:  # every user has one decision, written before the cut
-            await store.score_tx(u, bump(u, f"{u}-before"))
+            await store.score_tx(u, next_pull(u, f"{u}-before"))
         outcomes.extend(
             await asyncio.gather(
-                *(store.score_tx(u, cut_then_write if u == cutter else bump(u)) for u in users),
+                *(
+                    store.score_tx(
+                        u, cut_then_write if u == cutter else next_pull(u, uuid.uuid4().hex)
+                    )
+                    for u in users
+                ),
                 return_exceptions=True,
             )
         )
         proxy.restore()
-        after = await store.score_tx(cutter, bump(cutter, "after"))  # works again
+        after = await store.score_tx(cutter, next_pull(cutter, "after"))  # works again
         assert after.decision.seq == 2
 
     try:

@@ -19,18 +19,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
+from tests.store.support import make_write, next_pull
 
-from oo_serving.core.features import D, TaskFeatures
-from oo_serving.core.linucb import LinUCBState
-from oo_serving.core.registry import DEFAULTS
+from oo_serving.core.features import TaskFeatures
 from oo_serving.errors import StoreUnavailable
 from oo_serving.service import Candidate, Service
 from oo_serving.store.base import (
     DecisionLookup,
     DecisionMark,
-    DecisionRecord,
     Replay,
     ReplayNeeded,
     RewardWrite,
@@ -39,8 +36,6 @@ from oo_serving.store.base import (
 )
 from oo_serving.store.sqlite import SQLiteStore
 
-V1 = DEFAULTS["linucb-v1"]
-FEATURES = {"hour_of_day": 9, "is_overdue": True, "task_age_days": 2.5, "priority": 3}
 CANDIDATES = [
     Candidate(id="a", features=TaskFeatures(9, False, 0.0, 1)),
     Candidate(id="b", features=TaskFeatures(17, True, 3.0, 4)),
@@ -107,34 +102,9 @@ async def in_one_batch(store: SQLiteStore, writes: Sequence[Awaitable[Any]]) -> 
     return list(await asyncio.gather(*tasks, return_exceptions=True))
 
 
-def user(user_id: str, pulls: int) -> UserRecord:
-    state = V1.encode(LinUCBState(A_inv=np.identity(D), b=np.zeros(D)))
-    return UserRecord(user_id, "linucb-v1", state, 1, pulls, 0, 0.0, 1_000 + pulls)
-
-
-def decision(user_id: str, seq: int, event_id: str) -> DecisionRecord:
-    x = np.full(D, seq / 8.0)
-    return DecisionRecord(
-        user_id=user_id, seq=seq, event_id=event_id, ts_ms=1_000 + seq, tip_id="a",
-        features=dict(FEATURES), x=x, score=0.5, policy="linucb-v1", propensity=1.0,
-        model_version=0, candidate_ids=("a", "b"), candidate_X=np.stack([x, -x]),
-        candidate_features=np.zeros((2, 4)), context={"hour_of_day": 9},
-    )  # fmt: skip
-
-
-def next_pull(user_id: str, event_id: str, keep: int = 1000) -> Callable[..., ScoreWrite]:
-    """A score function as the service's: the user's next pull, keeping `keep` decisions."""
-
-    def fn(row: UserRecord | None, _replay: Replay | None) -> ScoreWrite:
-        seq = (row.pulls if row else 0) + 1
-        return ScoreWrite(user(user_id, seq), decision(user_id, seq, event_id), seq - keep + 1)
-
-    return fn
-
-
 def fixed(user_id: str, seq: int, event_id: str, keep_from_seq: int) -> Callable[..., ScoreWrite]:
     def fn(_row: UserRecord | None, _replay: Replay | None) -> ScoreWrite:
-        return ScoreWrite(user(user_id, seq), decision(user_id, seq, event_id), keep_from_seq)
+        return make_write(user_id, seq, event_id, keep_from_seq)
 
     return fn
 
@@ -257,7 +227,7 @@ def test_a_replay_in_a_batch_reads_the_log_as_the_earlier_writes_left_it(db: Pat
             raise ReplayNeeded
         replays.append([r.reward for r in replay])
         assert row is not None
-        return ScoreWrite(user("r", row.pulls + 1), decision("r", row.pulls + 1, "ev-r"), 1)
+        return make_write("r", row.pulls + 1, "ev-r")
 
     async def body(store: TracedStore) -> None:
         for seq in (1, 2, 3):

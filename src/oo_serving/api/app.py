@@ -64,7 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await store.open()
         try:
-            async with background(service, settings, sweep=True):
+            async with background(service, settings):
                 yield
         finally:
             await store.close()

@@ -1,7 +1,7 @@
 """The one layer every request passes: request id, body limit, hot routes, metrics, log.
 
 One pure ASGI class around the whole app, instead of a stack of middlewares, so that a
-request pays for one call frame and one walk over its headers, and so that refusals made
+request pays for one call frame instead of one per middleware, and so that refusals made
 before any endpoint (a body over the limit) are counted and logged like any answer:
 
 1. the request id: the caller's `X-Request-ID` if it is short and plain, else a new one,
